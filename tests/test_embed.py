@@ -1,0 +1,108 @@
+"""The embedding stage: in-process and Ray Data paths agree, the cache short-cuts, token counts are exact."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import embed
+from training.embed import (DEFAULT_EMBEDDER, count_tokens, embed_texts, encode, load_encoder,
+                            resolve_model_path)
+
+SAMPLE_TEXTS = [
+    f"{opening} {subject} in {words} words?"
+    for opening, subject, words in zip(
+        ["How do I", "Explain why", "Write a poem about", "Summarise", "Translate to French:"] * 8,
+        ["sorting a list", "the sky is blue", "prime numbers", "the French revolution",
+         "gradient descent", "a binary search tree", "photosynthesis", "tax on capital gains"] * 5,
+        range(10, 50),
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def reference_embeddings() -> np.ndarray:
+    return encode(load_encoder(DEFAULT_EMBEDDER, device="cpu"), SAMPLE_TEXTS, batch_size=16)
+
+
+def _forbid_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to compute embeddings fail, to prove a result came from the cache."""
+    def fail(*args, **kwargs):
+        raise AssertionError("embeddings were recomputed")
+
+    monkeypatch.setattr(embed, "load_encoder", fail)
+    monkeypatch.setattr(embed, "_embed_with_ray_data", fail)
+
+
+def test_bundled_model_aliases_resolve_to_the_offline_copy(tmp_path: Path):
+    bundled = resolve_model_path(DEFAULT_EMBEDDER)
+    assert (Path(bundled) / "modules.json").is_file()
+    assert resolve_model_path(f"sentence-transformers/{DEFAULT_EMBEDDER}") == bundled
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_unknown_model_fails_naming_it():
+    with pytest.raises(OSError, match="no-such-org/no-such-embedder"):
+        load_encoder("no-such-org/no-such-embedder")
+
+
+def test_encode_gives_unit_float32_rows(reference_embeddings: np.ndarray):
+    assert reference_embeddings.shape == (len(SAMPLE_TEXTS), 384)
+    assert reference_embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(reference_embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_in_process_job_is_cached_and_reloaded_without_recomputing(
+        tmp_path: Path, reference_embeddings: np.ndarray, monkeypatch: pytest.MonkeyPatch):
+    first = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, use_ray=False)
+    np.testing.assert_allclose(first, reference_embeddings, atol=1e-5)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+    _forbid_encoding(monkeypatch)
+    again = embed_texts(SAMPLE_TEXTS, f"sentence-transformers/{DEFAULT_EMBEDDER}", cache_dir=tmp_path)
+    np.testing.assert_array_equal(again, first)
+    with pytest.raises(AssertionError, match="recomputed"):
+        embed_texts(SAMPLE_TEXTS[:-1], cache_dir=tmp_path, use_ray=False)
+
+
+def test_cache_root_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FINEROUTER_CACHE", str(tmp_path))
+    assert embed.default_cache_dir() == tmp_path / "embeddings"
+
+
+def test_count_tokens_is_untruncated_and_excludes_special_tokens():
+    long_prompt = "routing " * 700
+    counts = count_tokens(["", "hello world", long_prompt])
+    assert counts.dtype == np.int64
+    assert counts[:2].tolist() == [0, 2]
+    assert counts[2] >= 700
+    assert count_tokens([]).shape == (0,)
+
+
+@pytest.mark.slow
+def test_ray_data_job_matches_in_process_and_shuts_down_its_own_ray(
+        tmp_path: Path, reference_embeddings: np.ndarray):
+    import ray
+
+    assert not ray.is_initialized()
+    embeddings = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, batch_size=8, num_actors=2)
+    assert embeddings.shape == (len(SAMPLE_TEXTS), 384) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_ray_data_job_leaves_the_callers_ray_running(tmp_path: Path, reference_embeddings: np.ndarray):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        embeddings = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, batch_size=16)
+        np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,357 @@
+"""Routing datasets (prompts x models -> score, cost) loaded into one canonical table.
+
+Every loader follows its dataset's SOURCE.md: rows with empty scores are dropped, train prompts that also
+occur in a test split are removed from train, and cost is the per-query USD cost where the data has it,
+else price x (prompt tokens + estimated output tokens) / 1e6.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from training.settings import data_dir
+
+# Output length assumed where a dataset records none (llmrouter_9model, routerdc_7model), in tokens.
+DEFAULT_OUTPUT_TOKENS = 256
+# A price for models of equal size where the data has none (routerdc_7model): quality-only routing.
+FLAT_PRICE_PER_MTOK = 0.2
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file, and the row and column where it can."""
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """N prompts x M models. `split` is "train", "test" or "ood" (test-only, out of distribution)."""
+
+    name: str
+    models: list[str]
+    prompt_ids: np.ndarray  # [N] str
+    prompts: list[str]  # the text the router embeds
+    benchmarks: np.ndarray  # [N] str
+    splits: np.ndarray  # [N] str
+    scores: np.ndarray  # [N, M] float, quality in [0, 1]
+    costs: np.ndarray  # [N, M] float, USD per query
+    prompt_tokens: np.ndarray | None = None  # [N] int, where known
+    prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> USD per 1M (in, out)
+
+    def __post_init__(self) -> None:
+        n, m = len(self.prompts), len(self.models)
+        for name in ("prompt_ids", "benchmarks", "splits"):
+            if len(getattr(self, name)) != n:
+                raise DatasetError(f"{self.name}: {name} has {len(getattr(self, name))} rows, prompts {n}")
+        for name in ("scores", "costs"):
+            if getattr(self, name).shape != (n, m):
+                raise DatasetError(f"{self.name}: {name} has shape {getattr(self, name).shape}, want {(n, m)}")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def has_costs(self) -> bool:
+        """False where every model costs the same on every prompt: routing is then quality-only."""
+        return bool(np.ptp(self.costs, axis=1).max() > 0) if len(self) else False
+
+    def subset(self, rows: np.ndarray) -> "RoutingTable":
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[rows],
+            prompts=[self.prompts[i] for i in rows],
+            benchmarks=self.benchmarks[rows],
+            splits=self.splits[rows],
+            scores=self.scores[rows],
+            costs=self.costs[rows],
+            prompt_tokens=None if self.prompt_tokens is None else self.prompt_tokens[rows],
+        )
+
+
+def _open_text(path: Path):
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file (set FINEROUTER_DATA_DIR to the routing datasets' folder)")
+    return gzip.open(path, "rt", newline="", encoding="utf-8") if path.suffix == ".gz" else open(path, newline="", encoding="utf-8")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    csv.field_size_limit(1 << 30)
+    with _open_text(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _read_json(path: Path):
+    with _open_text(path) as handle:
+        return json.load(handle)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def _priced_costs(prompt_tokens: np.ndarray, output_tokens: np.ndarray, prices: list[tuple[float, float]]) -> np.ndarray:
+    """USD per query: price_in x prompt tokens + price_out x output tokens, prices per 1M tokens."""
+    price_in = np.array([p[0] for p in prices])
+    price_out = np.array([p[1] for p in prices])
+    return (prompt_tokens[:, None] * price_in[None, :] + output_tokens * price_out[None, :]) / 1e6
+
+
+def _count_tokens(prompts: list[str]) -> np.ndarray:
+    from training.embed import count_tokens
+
+    return np.asarray(count_tokens(prompts), dtype=np.int64)
+
+
+def drop_train_overlaps(table: RoutingTable) -> RoutingTable:
+    """Remove train rows whose prompt text also occurs in a test or ood row, so no test prompt is trained on."""
+    held_out = {p for p, s in zip(table.prompts, table.splits) if s != "train"}
+    keep = np.array([s != "train" or p not in held_out for p, s in zip(table.prompts, table.splits)])
+    return table.subset(keep)
+
+
+def _build(name, models, ids, prompts, benchmarks, splits, scores, costs=None, prices=None, output_tokens=None):
+    """Assemble a table; where `costs` is None they are priced from measured prompt tokens."""
+    scores = np.asarray(scores, dtype=np.float64)
+    tokens = _count_tokens(prompts)
+    if costs is None:
+        out = np.full(scores.shape, DEFAULT_OUTPUT_TOKENS, dtype=np.float64) if output_tokens is None else output_tokens
+        costs = _priced_costs(tokens, out, [prices[m] for m in models])
+    table = RoutingTable(
+        name=name,
+        models=list(models),
+        prompt_ids=np.asarray(ids, dtype=object),
+        prompts=list(prompts),
+        benchmarks=np.asarray(benchmarks, dtype=object),
+        splits=np.asarray(splits, dtype=object),
+        scores=scores,
+        costs=np.asarray(costs, dtype=np.float64),
+        prompt_tokens=tokens,
+        prices=dict(prices or {}),
+    )
+    return drop_train_overlaps(table)
+
+
+def load_llmrouter(root: Path) -> RoutingTable:
+    """LLMRouter's DCRouter data: 14 tasks, 9 NIM models, list prices, no token counts (256 output tokens assumed)."""
+    folder = root / "llmrouter_9model"
+    rows = _read_jsonl(folder / "llmrouter_dcrouter_merged.jsonl.gz")
+    llms = _read_json(folder / "raw" / "default_llm.json")
+    models = list(rows[0]["scores"])
+    prices = {m: (float(llms[m]["input_price"]), float(llms[m]["output_price"])) for m in models}
+    return _build(
+        "llmrouter_9model",
+        models,
+        ids=[f"{r['split']}-{i}" for i, r in enumerate(rows)],
+        prompts=[r["query"] for r in rows],
+        benchmarks=[r["task_name"] for r in rows],
+        splits=[r["split"] for r in rows],
+        scores=[[float(r["scores"][m]) for m in models] for r in rows],
+        prices=prices,
+    )
+
+
+def routerbench_question(prompt_field: str) -> str:
+    """The question a user would ask: RouterBench's ARC and Winogrande prompts carry a few-shot context of
+    solved examples separated by blank lines, and only the final block is the question itself."""
+    parts = ast.literal_eval(prompt_field)
+    text = "\n".join(parts) if isinstance(parts, list) else str(parts)
+    return text.strip().split("\n\n")[-1].strip()
+
+
+def load_routerbench(root: Path) -> RoutingTable:
+    """RouterBench 0-shot subset (ARC-C, MBPP, Winogrande), 11 models, real USD cost per query."""
+    rows = _read_csv(root / "routerbench_partial" / "routerbench_partial_compact.csv.gz")
+    models = [c for c in rows[0] if "|" not in c and c not in {"split", "sample_id", "eval_name", "prompt", "oracle_model_to_route_to"}]
+    rows = [r for r in rows if all(r[m].strip() for m in models)]
+    return _build(
+        "routerbench_partial",
+        models,
+        ids=[r["sample_id"] for r in rows],
+        prompts=[routerbench_question(r["prompt"]) for r in rows],
+        benchmarks=[r["eval_name"] for r in rows],
+        splits=[r["split"] for r in rows],
+        scores=[[float(r[m]) for m in models] for r in rows],
+        costs=[[float(r[f"{m}|total_cost"]) for m in models] for r in rows],
+    )
+
+
+_ROUTERDC_FILE = re.compile(r"^(?P<bench>.+?)(?:[_-](?P<split>train|test))?\.json\.gz$")
+
+
+def load_routerdc(root: Path) -> RoutingTable:
+    """RouterDC's 7 same-size models: in-distribution train/test files plus test-only ood files; no costs, so
+    every model is priced alike (quality-only routing)."""
+    ids, prompts, benchmarks, splits, scores = [], [], [], [], []
+    models: list[str] = []
+    for path in sorted((root / "routerdc_7model" / "raw").glob("*.json.gz")):
+        match = _ROUTERDC_FILE.match(path.name)
+        bench, split = match["bench"], match["split"] or "ood"
+        for i, row in enumerate(_read_json(path)):
+            models = models or list(row["scores"])
+            ids.append(f"{bench}-{split}-{i}")
+            prompts.append(row["question"])
+            benchmarks.append(bench)
+            splits.append(split)
+            scores.append([float(row["scores"][m]) for m in models])
+    prices = {m: (FLAT_PRICE_PER_MTOK, FLAT_PRICE_PER_MTOK) for m in models}
+    return _build("routerdc_7model", models, ids, prompts, benchmarks, splits, scores, prices=prices)
+
+
+# AlpacaEval has no costs. Historical list prices (USD per 1M input/output tokens) of the API models from its
+# SOURCE.md and the providers' archived price pages; open models are priced by parameter count below.
+ALPACAEVAL_API_PRICES = {
+    "gpt4_1106_preview": (10.0, 30.0),
+    "gpt4_0613_concise": (30.0, 60.0),
+    "gpt-3.5-turbo-0301": (1.5, 2.0),
+    "gpt-3.5-turbo-1106": (1.0, 2.0),
+    "gpt-3.5-turbo-1106_concise": (1.0, 2.0),
+    "gpt-3.5-turbo-1106_verbose": (1.0, 2.0),
+    "gpt35_turbo_instruct": (1.5, 2.0),
+    "text_davinci_001": (20.0, 20.0),
+    "text_davinci_003": (20.0, 20.0),
+    "claude": (8.0, 24.0),
+    "claude-2": (8.0, 24.0),
+    "claude-2.1": (8.0, 24.0),
+    "claude-2.1_concise": (8.0, 24.0),
+    "claude-instant-1.2": (0.8, 2.4),
+    "jina-chat": (1.0, 2.0),
+}
+ALPACAEVAL_ATTACKS = {"NullModel", "gpt4_gamed"}
+_PARAMS = re.compile(r"(?:(\d+)x)?(\d+(?:\.\d+)?)b\b", re.IGNORECASE)
+
+
+def open_model_price(name: str) -> tuple[float, float]:
+    """A hosted-inference price tier by parameter count (USD per 1M tokens); 7B when the name gives none."""
+    match = _PARAMS.search(name.replace("_", "-"))
+    billions = (float(match[1] or 1) * float(match[2])) if match else (2.7 if "phi-2" in name else 7.0)
+    for limit, price in ((4, 0.1), (9, 0.2), (16, 0.3), (41, 0.8), (80, 0.9)):
+        if billions <= limit:
+            return (price, price)
+    return (1.2, 1.2)
+
+
+def load_alpacaeval(root: Path) -> RoutingTable:
+    """AlpacaEval 2.0 win probabilities against GPT-4-Turbo, 56 models (the two judge attacks excluded);
+    output tokens are the answer's characters / 4. Open-ended chat: a held-out stress set, all "test"."""
+    rows = _read_csv(root / "alpacaeval2_58model" / "alpacaeval2_winrate_matrix.csv.gz")
+    header = list(rows[0])
+    models = [c for c in header[3:] if "|" not in c and c not in ALPACAEVAL_ATTACKS]
+    rows = [r for r in rows if all(r[m].strip() for m in models)]
+    prices = {m: ALPACAEVAL_API_PRICES.get(m) or open_model_price(m) for m in models}
+    output_tokens = np.array([[float(r[f"{m}|output_chars"] or 0) / 4 for m in models] for r in rows])
+    return _build(
+        "alpacaeval2_58model",
+        models,
+        ids=[f"alpacaeval-{i}" for i in range(len(rows))],
+        prompts=[r["instruction"] for r in rows],
+        benchmarks=[r["source_dataset"] for r in rows],
+        splits=["test"] * len(rows),
+        scores=[[float(r[m]) for m in models] for r in rows],
+        prices=prices,
+        output_tokens=output_tokens,
+    )
+
+
+BUILTIN_DATASETS: dict[str, Callable[[Path], RoutingTable]] = {
+    "llmrouter_9model": load_llmrouter,
+    "routerbench_partial": load_routerbench,
+    "routerdc_7model": load_routerdc,
+    "alpacaeval2_58model": load_alpacaeval,
+}
+
+
+def _check_number(value, where: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DatasetError(f"{where}: expected a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise DatasetError(f"{where}: {value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def load_user_dataset(path: Path | str) -> RoutingTable:
+    """A user's routing data, JSONL or Parquet, one row per prompt:
+
+    - `prompt` (string, required)
+    - `scores` (object model -> quality in [0, 1], required; the same models on every row)
+    - `costs` (object model -> USD per query, optional; where absent every model costs 0: quality-only)
+    - `benchmark` (string, optional, default "user"), `split` ("train" or "test", optional: without it the
+      protocols make a seeded split), `id` (string, optional)
+    """
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DatasetError(f"{path}: no such file")
+        import pyarrow.parquet as pq
+
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
+        for record in records:  # Parquet map columns arrive as lists of (key, value) pairs
+            for column in ("scores", "costs"):
+                if isinstance(record.get(column), list):
+                    record[column] = dict(record[column])
+    elif path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
+        records = _read_jsonl(path)
+    else:
+        raise DatasetError(f"{path}: unknown format; use .jsonl or .parquet")
+    if not records:
+        raise DatasetError(f"{path}: no rows")
+
+    models = list(records[0].get("scores") or {})
+    ids, prompts, benchmarks, splits, scores, costs = [], [], [], [], [], []
+    for number, record in enumerate(records, start=1):
+        where = f"{path}: row {number}"
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DatasetError(f"{where}: column 'prompt': missing or empty")
+        row_scores = record.get("scores")
+        if not isinstance(row_scores, dict) or not row_scores:
+            raise DatasetError(f"{where}: column 'scores': expected an object of model -> score")
+        if set(row_scores) != set(models):
+            missing, extra = sorted(set(models) - set(row_scores)), sorted(set(row_scores) - set(models))
+            raise DatasetError(f"{where}: column 'scores': models differ from row 1 (missing {missing}, extra {extra})")
+        scores.append([_check_number(row_scores[m], f"{where}: column 'scores', model {m!r}", low=0, high=1) for m in models])
+        row_costs = record.get("costs")
+        if row_costs is None:
+            costs.append([0.0] * len(models))
+        elif not isinstance(row_costs, dict) or set(row_costs) != set(models):
+            raise DatasetError(f"{where}: column 'costs': expected an object with the same models as 'scores'")
+        else:
+            costs.append([_check_number(row_costs[m], f"{where}: column 'costs', model {m!r}", low=0, high=math.inf) for m in models])
+        split = record.get("split") or "train"
+        if split not in ("train", "test"):
+            raise DatasetError(f"{where}: column 'split': expected 'train' or 'test', got {split!r}")
+        splits.append(split)
+        benchmarks.append(str(record.get("benchmark") or "user"))
+        ids.append(str(record.get("id") or number))
+        prompts.append(prompt)
+    return _build(path.stem, models, ids, prompts, benchmarks, splits, scores, costs=costs)
+
+
+def load_dataset(name_or_path: str, root: Path | None = None) -> RoutingTable:
+    """A built-in dataset by name (read from the data directory) or a user's JSONL/Parquet file by path."""
+    if name_or_path in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[name_or_path](Path(root) if root else data_dir())
+    if Path(name_or_path).suffix in (".jsonl", ".parquet", ".gz", ".json"):
+        return load_user_dataset(name_or_path)
+    raise DatasetError(f"unknown dataset {name_or_path!r}: use one of {sorted(BUILTIN_DATASETS)} or a .jsonl/.parquet path")

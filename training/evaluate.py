@@ -1,0 +1,251 @@
+"""The evaluation harness: every router, one protocol, one run (DESIGN.md, "Evaluation protocol").
+
+For each fold a router yields a per-prompt curve: at each cost weight of the sweep, the true cost and score of
+the model it picks for every test prompt. Figures come from the curve's mean points; the paired bootstrap
+resamples prompts of the curves pooled over folds (every prompt is tested in exactly one fold).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from training.datasets import RoutingTable
+from training.metrics import bootstrap_gain, cost_to_reach, curve_aiq, frontier, trace_curve
+from training.protocols import folds
+from training.routers import LEARNED_ROUTERS, TrainingSet
+
+Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
+SEEDS = (0, 1, 2)
+
+
+def _fixed_choice(table: RoutingTable, model: int) -> Curve:
+    return table.costs[:, model][None, :], table.scores[:, model][None, :]
+
+
+def _random_curve(train: TrainingSet, test: RoutingTable) -> Curve:
+    """A uniformly random model per prompt, in expectation (no sampling noise)."""
+    return test.costs.mean(axis=1)[None, :], test.scores.mean(axis=1)[None, :]
+
+
+def _cheapest_curve(train: TrainingSet, test: RoutingTable) -> Curve:
+    return _fixed_choice(test, int(np.argmin(train.table.costs.mean(axis=0))))
+
+
+def _best_single_curve(train: TrainingSet, test: RoutingTable) -> Curve:
+    """The model with the best mean training score (ties to the cheaper)."""
+    means = train.table.scores.mean(axis=0)
+    best = np.flatnonzero(means == means.max())
+    return _fixed_choice(test, int(best[np.argmin(train.table.costs.mean(axis=0)[best])]))
+
+
+def _zero_router_curve(train: TrainingSet, test: RoutingTable) -> Curve:
+    """Every single model as an operating point: its hull is the zero router."""
+    return test.costs.T.copy(), test.scores.T.copy()
+
+
+def _oracle_curve(train: TrainingSet, test: RoutingTable) -> Curve:
+    """Knows every test score; still pays the estimated cost in the trade-off."""
+    return trace_curve(test.scores, train.cost_model.estimate(test.prompt_tokens), test.scores, test.costs, train.cost_scale)
+
+
+REFERENCE_ROUTERS: dict[str, Callable[[TrainingSet, RoutingTable], Curve]] = {
+    "random": _random_curve,
+    "cheapest": _cheapest_curve,
+    "best_single": _best_single_curve,
+    "zero_router": _zero_router_curve,
+    "oracle": _oracle_curve,
+}
+BASELINES = ("random", "cheapest", "best_single", "zero_router", "knn", "cluster", "mlp")
+
+
+@dataclass
+class FoldResult:
+    name: str
+    test: RoutingTable
+    curves: dict[str, list[Curve]]  # router -> one curve per seed
+
+
+def figures(curves: list[Curve], test: RoutingTable) -> dict:
+    """AIQ, best quality and cost to reach the best single model, averaged over seeds."""
+    single_quality, single_cost = test.scores.mean(axis=0), test.costs.mean(axis=0)
+    best = int(np.argmax(single_quality))
+    per_seed = []
+    for costs, qualities in curves:
+        mean_cost, mean_quality = costs.mean(axis=1), qualities.mean(axis=1)
+        reach = cost_to_reach(mean_cost, mean_quality, single_quality[best]) if test.has_costs else None
+        per_seed.append(
+            {
+                "aiq": curve_aiq((costs, qualities), test.costs),
+                "best_quality": float(frontier(mean_cost, mean_quality)[1].max()),
+                "cost_to_reach_best_single": None if reach is None else reach / single_cost[best],
+            }
+        )
+    result = {key: _mean([s[key] for s in per_seed]) for key in per_seed[0]}
+    result["aiq_std"] = _std([s["aiq"] for s in per_seed])
+    result["seeds"] = [s["aiq"] if s["aiq"] is not None else s["best_quality"] for s in per_seed]
+    return result
+
+
+def _mean(values):
+    """Mean of the defined values; None if any is undefined (a router that never reaches a target)."""
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _std(values):
+    return None if any(v is None for v in values) else float(np.std(values))
+
+
+def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick) -> FoldResult:
+    train = TrainingSet(table.subset(fold.train), embeddings[fold.train])
+    test = table.subset(fold.test)
+    test_embeddings = embeddings[fold.test]
+    estimated = train.cost_model.estimate(test.prompt_tokens)
+    curves: dict[str, list[Curve]] = {}
+    for name in routers:
+        if name in REFERENCE_ROUTERS:
+            curves[name] = [REFERENCE_ROUTERS[name](train, test)]
+            tick()
+            continue
+        curves[name] = []
+        for seed in seeds:
+            quality = LEARNED_ROUTERS[name](train, seed).predict_quality(test_embeddings)
+            curves[name].append(trace_curve(quality, estimated, test.scores, test.costs, train.cost_scale))
+            tick()
+    return FoldResult(fold.name, test, curves)
+
+
+def _pooled(results: list[FoldResult], name: str) -> Curve:
+    """Seed-averaged per-prompt outcomes, concatenated over folds (each prompt is tested once)."""
+    parts = [tuple(np.mean([c[i] for c in r.curves[name]], axis=0) for i in (0, 1)) for r in results]
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
+
+
+def _pooled_test(results: list[FoldResult]) -> RoutingTable:
+    tables = [r.test for r in results]
+    first = tables[0]
+    return RoutingTable(
+        name=first.name,
+        models=first.models,
+        prompt_ids=np.concatenate([t.prompt_ids for t in tables]),
+        prompts=[p for t in tables for p in t.prompts],
+        benchmarks=np.concatenate([t.benchmarks for t in tables]),
+        splits=np.concatenate([t.splits for t in tables]),
+        scores=np.concatenate([t.scores for t in tables]),
+        costs=np.concatenate([t.costs for t in tables]),
+        prompt_tokens=np.concatenate([t.prompt_tokens for t in tables]),
+    )
+
+
+def evaluate(
+    table: RoutingTable,
+    embeddings: np.ndarray,
+    protocol: str = "standard",
+    routers: list[str] | None = None,
+    seeds=SEEDS,
+    bootstrap_samples: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """Run every router on every fold of `protocol`; return the report (see README, "Evaluation")."""
+    routers = routers or [*REFERENCE_ROUTERS, *LEARNED_ROUTERS]
+    fold_list = folds(table, protocol)
+    steps = len(fold_list) * sum(1 if r in REFERENCE_ROUTERS else len(seeds) for r in routers)
+    with tqdm(total=steps, desc=f"{table.name}/{protocol}", disable=not progress) as bar:
+        results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update()) for fold in fold_list]
+
+    pooled_test = _pooled_test(results)
+    pooled = {name: _pooled(results, name) for name in routers}
+    report = {"dataset": table.name, "protocol": protocol, "models": table.models, "routers": {}}
+    breakdown_key = "per_benchmark" if protocol == "lobo" else "per_fold"
+    for name in routers:
+        per_fold = {r.name: figures(r.curves[name], r.test) for r in results}
+        entry = {key: _mean([f[key] for f in per_fold.values()]) for key in ("aiq", "best_quality", "cost_to_reach_best_single")}
+        entry["aiq_std"] = _mean([f["aiq_std"] for f in per_fold.values()])
+        entry["seeds"] = [float(np.mean(s)) for s in zip(*(f["seeds"] for f in per_fold.values()))]
+        if len(results) > 1:
+            entry[breakdown_key] = per_fold
+        if protocol != "lobo":
+            entry["per_benchmark"] = {
+                bench: figures([tuple(c[:, pooled_test.benchmarks == bench] for c in pooled[name])], pooled_test.subset(pooled_test.benchmarks == bench))
+                for bench in sorted(set(pooled_test.benchmarks))
+            }
+        report["routers"][name] = entry
+
+    if table.has_costs and bootstrap_samples:
+        _add_bootstrap_gains(report, pooled, pooled_test, bootstrap_samples)
+    report["single_models"] = {
+        m: {"quality": float(pooled_test.scores[:, j].mean()), "cost": float(pooled_test.costs[:, j].mean())} for j, m in enumerate(table.models)
+    }
+    report["curves"] = {name: {"cost": c.mean(axis=1).tolist(), "quality": q.mean(axis=1).tolist()} for name, (c, q) in pooled.items()}
+    return report
+
+
+def _add_bootstrap_gains(report: dict, pooled: dict[str, Curve], test: RoutingTable, samples: int) -> None:
+    """Paired bootstrap 95% intervals of each learned router's AIQ gain over the zero router and over the best
+    other baseline (by mean AIQ)."""
+    aiqs = {name: entry["aiq"] for name, entry in report["routers"].items()}
+    for name in pooled:
+        if name in REFERENCE_ROUTERS:
+            continue
+        entry = report["routers"][name]
+        others = [b for b in BASELINES if b in pooled and b != name and aiqs.get(b) is not None]
+        if "zero_router" in pooled:
+            entry["gain_vs_zero_router"] = bootstrap_gain(pooled[name], pooled["zero_router"], test.costs.T, samples=samples)
+        if others:
+            rival = max(others, key=lambda b: aiqs[b])
+            entry["gain_vs_best_baseline"] = {"baseline": rival, **bootstrap_gain(pooled[name], pooled[rival], test.costs.T, samples=samples)}
+
+
+def _cell(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"Dataset `{report['dataset']}`, protocol `{report['protocol']}`.",
+        "",
+        "| router | AIQ | ± seeds | best quality | cost to reach best single | AIQ gain vs best baseline [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in report["routers"].items():
+        gain = e.get("gain_vs_best_baseline")
+        gain_text = f"{gain['mean']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}] vs {gain['baseline']}" if gain else ""
+        lines.append(f"| {name} | {_cell(e['aiq'])} | {_cell(e['aiq_std'])} | {_cell(e['best_quality'])} | {_cell(e['cost_to_reach_best_single'], 2)} | {gain_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for name, curve in report["curves"].items():
+        if name == "zero_router":
+            continue
+        hull_cost, hull_quality = frontier(np.array(curve["cost"]), np.array(curve["quality"]))
+        axes.plot(hull_cost, hull_quality, marker=".", label=name, linestyle="--" if name == "oracle" else "-")
+    for model, point in report["single_models"].items():
+        axes.scatter(point["cost"], point["quality"], color="black", s=12)
+        axes.annotate(model.split("/")[-1], (point["cost"], point["quality"]), fontsize=6, alpha=0.7)
+    axes.set_xscale("log")
+    axes.set_xlabel("mean cost per prompt (USD)")
+    axes.set_ylabel("mean quality")
+    axes.set_title(f"{report['dataset']} ({report['protocol']}): cost-quality frontiers")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown_table(report))
+    plot(report, out / "pareto.png")

@@ -1,0 +1,288 @@
+"""Stage 1 task discovery, graph part: kNN graph of prompt embeddings -> Leiden communities = latent tasks.
+
+Edge weights mix semantic similarity (cosine of the embeddings) with performance similarity (how alike two
+prompts rank the models by score), so that a task groups prompts that read alike *and* favour the same
+models. Everything here is plain numpy/faiss/igraph; Ray only shards the kNN queries when asked to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import igraph
+import leidenalg
+import numpy as np
+
+INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
+EXACT_BELOW_ROWS = 100_000
+
+# IVF-Flat: about 4 * sqrt(N) lists, trained on a seeded sample (k-means on all rows costs minutes at 1e6).
+IVF_LISTS_PER_SQRT_ROW = 4
+IVF_TRAINING_ROWS_PER_LIST = 40
+IVF_PROBES = 16
+# HNSW: faiss's usual settings for ~0.95 recall@10 on sentence embeddings.
+HNSW_LINKS_PER_NODE = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 64
+
+# Pairs of prompts scored per rank_biased_overlap call, bounding its temporary arrays.
+PERFORMANCE_SIMILARITY_CHUNK = 500_000
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_index_kind(index: str, rows: int) -> str:
+    """"auto": exact below EXACT_BELOW_ROWS, else IVF-Flat (faster to build than HNSW at equal recall on 2 cores)."""
+    if index not in INDEX_KINDS:
+        raise ValueError(f"unknown index {index!r}: use one of {INDEX_KINDS}")
+    if index != "auto":
+        return index
+    return "exact" if rows < EXACT_BELOW_ROWS else "ivf"
+
+
+def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
+    """A CPU inner-product index holding every row (GPU copies are made where the queries run)."""
+    rows, dim = embeddings.shape
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_LINKS_PER_NODE, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        lists = max(1, min(rows // IVF_TRAINING_ROWS_PER_LIST, round(IVF_LISTS_PER_SQRT_ROW * math.sqrt(rows))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.spherical = True  # centroids on the unit sphere, like the rows
+        index.cp.seed = seed
+        training_rows = min(rows, IVF_TRAINING_ROWS_PER_LIST * lists)
+        sample = np.sort(np.random.default_rng(seed).choice(rows, size=training_rows, replace=False))
+        index.train(embeddings[sample])
+        index.nprobe = min(IVF_PROBES, lists)
+    index.add(embeddings)
+    return index
+
+
+def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
+    """Flat and IVF indexes move to all visible GPUs when faiss has GPU support; HNSW has no GPU version."""
+    if not _gpu_available() or isinstance(index, faiss.IndexHNSW):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def _query_block(index: faiss.Index, embeddings: np.ndarray, rows: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of `embeddings[rows]` other than the row itself.
+
+    Asks for k + 1 and drops the row itself, or the last hit when the row is missing (more than k exact
+    duplicates, or an approximate index that missed it). Rows an approximate index finds fewer than k
+    neighbours for are padded with id -1 and similarity 0.
+    """
+    similarities, neighbours = index.search(np.ascontiguousarray(embeddings[rows]), k + 1)
+    drop = neighbours == rows[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    keep = ~drop
+    neighbours = neighbours[keep].reshape(len(rows), k)
+    similarities = similarities[keep].reshape(len(rows), k)
+    similarities[neighbours < 0] = 0.0
+    return neighbours.astype(np.int64), similarities.astype(np.float32)
+
+
+def _row_blocks(rows: int, block_size: int) -> list[np.ndarray]:
+    """The same row blocks for the plain and the Ray path, so both run identical faiss searches."""
+    return [np.arange(start, min(start + block_size, rows)) for start in range(0, rows, block_size)]
+
+
+class _IndexShard:
+    """Ray Data actor: deserialises the shared index once, then answers the kNN queries of its row blocks."""
+
+    def __init__(self, shared: dict, k: int):
+        import ray
+
+        self.index = _on_gpu_if_available(faiss.deserialize_index(ray.get(shared["index"])))
+        self.embeddings = ray.get(shared["embeddings"])
+        self.k = k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        neighbours, similarities = _query_block(self.index, self.embeddings, batch["data"], self.k)
+        return {"row": batch["data"], "neighbours": neighbours, "similarities": similarities}
+
+
+def _query_with_ray(index: faiss.Index, embeddings: np.ndarray, k: int, block_size: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Query every row on an actor pool; the index and embeddings go to the object store once."""
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, ignore_reinit_error=True)
+    try:
+        # Nested in a dict, the references reach the actors unresolved and each actor fetches them once.
+        shared = {"index": ray.put(faiss.serialize_index(index)), "embeddings": ray.put(embeddings)}
+        blocks = _row_blocks(len(embeddings), block_size)
+        use_gpu = _gpu_available() and ray.cluster_resources().get("GPU", 0) > 0
+        actors = max(1, min(len(blocks), int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))))
+        answered = ray.data.from_numpy(blocks).map_batches(
+            _IndexShard,
+            fn_constructor_kwargs={"shared": shared, "k": k},
+            batch_size=block_size,  # = the blocks above, so no batch straddles two of them
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            num_gpus=1 if use_gpu else None,
+        )
+        neighbours = np.empty((len(embeddings), k), dtype=np.int64)
+        similarities = np.empty((len(embeddings), k), dtype=np.float32)
+        for batch in answered.iter_batches(batch_size=None, batch_format="numpy"):
+            neighbours[batch["row"]] = batch["neighbours"]
+            similarities[batch["row"]] = batch["similarities"]
+        return neighbours, similarities
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = False,
+        block_size: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest other rows by cosine: (ids [N, k] int64, similarities [N, k] float32).
+
+    `embeddings` must be L2-normalised, so inner product = cosine. `index`: "exact" (IndexFlatIP), "ivf"
+    (IVF-Flat), "hnsw", or "auto" (exact below 100k rows, else IVF). The index is built once; queries run
+    in blocks of `block_size` rows, here or (`use_ray=True`) on a Ray Data actor pool with identical
+    results. `seed` fixes the IVF training sample; HNSW's multithreaded build is not bit-reproducible.
+    """
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    rows = len(embeddings)
+    if not 0 < k < rows:
+        raise ValueError(f"k must be in [1, {rows - 1}] for {rows} rows, got {k}")
+    cpu_index = _build_index(embeddings, resolve_index_kind(index, rows), seed)
+    if use_ray:
+        return _query_with_ray(cpu_index, embeddings, k, block_size)
+    searched = _on_gpu_if_available(cpu_index)
+    answers = [_query_block(searched, embeddings, block, k) for block in _row_blocks(rows, block_size)]
+    return np.concatenate([ids for ids, _ in answers]), np.concatenate([sims for _, sims in answers])
+
+
+def _top_membership(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and model, the rank span [first, last) its tie group occupies when sorted best first."""
+    first = np.zeros(scores.shape, dtype=np.int32)
+    last = np.zeros(scores.shape, dtype=np.int32)
+    for model in range(scores.shape[1]):
+        other = scores[:, model:model + 1]
+        first += other > scores
+        last += other >= scores
+    return first, last
+
+
+def rank_biased_overlap(scores_a: np.ndarray, scores_b: np.ndarray, p: float = 0.9) -> np.ndarray:
+    """Performance similarity of prompt pairs: rank-biased overlap of the model rankings, in [0, 1].
+
+    Row i of `scores_a` and of `scores_b` (prompts x models, higher = better) form one pair. RBO compares
+    the sets of top-d models at every depth d, weighting depth d by p^(d-1), so agreement on the best
+    models counts most; the tail beyond the last depth is extrapolated (RBO_ext), so identical rankings
+    score exactly 1.
+
+    Ties (most scores are 0/1) are handled by fractional membership: a model in a tie group spanning ranks
+    [first, last) is a fraction clip((d - first) / (last - first), 0, 1) inside the top d, its expected
+    membership under a random tie break; the overlap at depth d sums, per model, the smaller of its two
+    memberships. So identical score vectors give 1 (including two fully tied rows: a prompt that every
+    model solves and one that none solves favour no model, and routing treats them alike), and a fully
+    tied row against a strict ranking gives the expected overlap of a random ranking.
+    """
+    scores_a = np.asarray(scores_a, dtype=np.float64)
+    scores_b = np.asarray(scores_b, dtype=np.float64)
+    if scores_a.shape != scores_b.shape or scores_a.ndim != 2:
+        raise ValueError(f"need two [pairs, models] arrays of one shape, got {scores_a.shape} and {scores_b.shape}")
+    models = scores_a.shape[1]
+    first_a, last_a = _top_membership(scores_a)
+    first_b, last_b = _top_membership(scores_b)
+    weighted_agreement = np.zeros(len(scores_a))
+    for depth in range(1, models + 1):
+        inside_a = np.clip((depth - first_a) / (last_a - first_a), 0.0, 1.0)
+        inside_b = np.clip((depth - first_b) / (last_b - first_b), 0.0, 1.0)
+        agreement = np.minimum(inside_a, inside_b).sum(axis=1) / depth
+        weighted_agreement += (1 - p) * p ** (depth - 1) * agreement
+    # At the last depth both top sets hold every model (agreement 1): the extrapolated tail is p^models.
+    return weighted_agreement + p ** models
+
+
+def task_graph(neighbours: np.ndarray, similarities: np.ndarray, scores: np.ndarray | None,
+               mix: float) -> igraph.Graph:
+    """Undirected kNN graph with edge attribute "weight" = (1 - mix) * cosine + mix * rank_biased_overlap.
+
+    i->j and j->i become one edge (their cosines agree up to float rounding; the first is kept), missing
+    neighbours (-1) and self loops are dropped, and negative weights are clipped to 0. `scores` None or
+    `mix` 0 gives a purely semantic graph.
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    rows, k = neighbours.shape
+    source = np.repeat(np.arange(rows, dtype=np.int64), k)
+    target = neighbours.ravel().astype(np.int64)
+    valid = (target >= 0) & (target != source)
+    low = np.minimum(source[valid], target[valid])
+    high = np.maximum(source[valid], target[valid])
+    _, first = np.unique(low * rows + high, return_index=True)
+    edges = np.stack([low[first], high[first]], axis=1).astype(np.int32)
+    weights = similarities.ravel()[valid][first].astype(np.float64)
+    if scores is not None and mix > 0:
+        performance = np.concatenate([
+            rank_biased_overlap(scores[edges[start:start + PERFORMANCE_SIMILARITY_CHUNK, 0]],
+                                scores[edges[start:start + PERFORMANCE_SIMILARITY_CHUNK, 1]])
+            for start in range(0, len(edges), PERFORMANCE_SIMILARITY_CHUNK)
+        ])
+        weights = (1 - mix) * weights + mix * performance
+    graph = igraph.Graph(n=rows)
+    graph.add_edges(edges)
+    graph.es["weight"] = np.clip(weights, 0.0, None)
+    return graph
+
+
+def leiden(graph: igraph.Graph, resolution: float, seed: int) -> np.ndarray:
+    """Community label per node: weighted Leiden on the modularity with a resolution (RB configuration).
+
+    Iterates until no node moves, so the result does not depend on an iteration budget; fixed seed, same
+    labels. leidenalg numbers communities by decreasing size.
+    """
+    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
+                                         weights="weight" if "weight" in graph.es.attributes() else None,
+                                         resolution_parameter=resolution, n_iterations=-1, seed=seed)
+    return np.asarray(partition.membership, dtype=np.int64)
+
+
+def merge_small_communities(labels: np.ndarray, embeddings: np.ndarray, min_size: int) -> np.ndarray:
+    """Fold every community below `min_size` into the one of at least that size with the nearest centroid.
+
+    Centroids are mean embeddings compared by cosine. If no community reaches `min_size`, all fold into the
+    largest. Labels come back renumbered 0..T-1 by decreasing size (ties: lower old label first).
+    """
+    _, labels = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(labels)
+    centroids = np.zeros((len(sizes), embeddings.shape[1]), dtype=np.float64)
+    np.add.at(centroids, labels, embeddings)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    targets = np.flatnonzero(sizes >= min_size)
+    if len(targets) == 0:
+        targets = np.array([np.argmax(sizes)])
+    merged_into = np.arange(len(sizes))
+    small = np.flatnonzero(sizes < min_size)
+    small = small[~np.isin(small, targets)]
+    if len(small):
+        merged_into[small] = targets[np.argmax(centroids[small] @ centroids[targets].T, axis=1)]
+    labels = merged_into[labels]
+    sizes = np.bincount(labels, minlength=len(sizes))
+    by_decreasing_size = np.lexsort((np.arange(len(sizes)), -sizes))
+    new_label = np.empty(len(sizes), dtype=np.int64)
+    new_label[by_decreasing_size] = np.arange(len(sizes))
+    return new_label[labels]  # emptied communities sort last and are never referenced
+
+
+def discover_tasks(embeddings: np.ndarray, scores: np.ndarray | None, *, k: int = 10, mix: float = 0.5,
+                   resolution: float = 1.0, min_size: int = 20, seed: int = 0, use_ray: bool = False
+                   ) -> np.ndarray:
+    """Latent task label per prompt: kNN graph -> mixed edge weights -> Leiden -> tiny tasks merged."""
+    neighbours, similarities = knn(embeddings, k, use_ray=use_ray, seed=seed)
+    graph = task_graph(neighbours, similarities, scores, mix)
+    return merge_small_communities(leiden(graph, resolution, seed), embeddings, min_size)
