@@ -58,20 +58,17 @@ def test_encode_gives_unit_float32_rows(reference_embeddings: np.ndarray):
 
 def test_in_process_job_is_cached_and_reloaded_without_recomputing(
         tmp_path: Path, reference_embeddings: np.ndarray, monkeypatch: pytest.MonkeyPatch):
-    first = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, use_ray=False)
+    monkeypatch.setenv("FINEROUTER_CACHE", str(tmp_path))
+    first = embed_texts(SAMPLE_TEXTS, use_ray=False)
     np.testing.assert_allclose(first, reference_embeddings, atol=1e-5)
-    assert len(list(tmp_path.glob("*.npy"))) == 1
+    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 1
 
     _forbid_encoding(monkeypatch)
-    again = embed_texts(SAMPLE_TEXTS, f"sentence-transformers/{DEFAULT_EMBEDDER}", cache_dir=tmp_path)
+    alias = f"sentence-transformers/{DEFAULT_EMBEDDER}"
+    again = embed_texts(SAMPLE_TEXTS, alias, cache_dir=tmp_path / "embeddings")
     np.testing.assert_array_equal(again, first)
     with pytest.raises(AssertionError, match="recomputed"):
-        embed_texts(SAMPLE_TEXTS[:-1], cache_dir=tmp_path, use_ray=False)
-
-
-def test_cache_root_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("FINEROUTER_CACHE", str(tmp_path))
-    assert embed.default_cache_dir() == tmp_path / "embeddings"
+        embed_texts(SAMPLE_TEXTS[:-1], use_ray=False)
 
 
 def test_count_tokens_is_untruncated_and_excludes_special_tokens():
@@ -84,25 +81,9 @@ def test_count_tokens_is_untruncated_and_excludes_special_tokens():
 
 
 @pytest.mark.slow
-def test_ray_data_job_matches_in_process_and_shuts_down_its_own_ray(
-        tmp_path: Path, reference_embeddings: np.ndarray):
-    import ray
-
-    assert not ray.is_initialized()
+def test_ray_data_job_matches_in_process_in_input_order(
+        ray_session, tmp_path: Path, reference_embeddings: np.ndarray):
     embeddings = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, batch_size=8, num_actors=2)
     assert embeddings.shape == (len(SAMPLE_TEXTS), 384) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
-    assert not ray.is_initialized()
-
-
-@pytest.mark.slow
-def test_ray_data_job_leaves_the_callers_ray_running(tmp_path: Path, reference_embeddings: np.ndarray):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        embeddings = embed_texts(SAMPLE_TEXTS, cache_dir=tmp_path, batch_size=16)
-        np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
-        assert ray.is_initialized()
-    finally:
-        ray.shutdown()
+    assert ray_session.is_initialized(), "the caller's Ray must outlive the job"

@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -85,14 +86,27 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", newline="", encoding="utf-8") if path.suffix == ".gz" else open(path, newline="", encoding="utf-8")
 
 
+@contextmanager
+def _parsing(path: Path):
+    """Turn a malformed file's KeyError/ValueError into a DatasetError that names the file."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except KeyError as error:
+        raise DatasetError(f"{path}: missing field {error}") from None
+    except (ValueError, TypeError, IndexError, SyntaxError, OSError, csv.Error) as error:
+        raise DatasetError(f"{path}: malformed value ({error})") from None
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     csv.field_size_limit(1 << 30)
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, _parsing(path):
         return list(csv.DictReader(handle))
 
 
 def _read_json(path: Path):
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, _parsing(path):
         return json.load(handle)
 
 
@@ -153,20 +167,20 @@ def _build(name, models, ids, prompts, benchmarks, splits, scores, costs=None, p
 def load_llmrouter(root: Path) -> RoutingTable:
     """LLMRouter's DCRouter data: 14 tasks, 9 NIM models, list prices, no token counts (256 output tokens assumed)."""
     folder = root / "llmrouter_9model"
-    rows = _read_jsonl(folder / "llmrouter_dcrouter_merged.jsonl.gz")
-    llms = _read_json(folder / "raw" / "default_llm.json")
-    models = list(rows[0]["scores"])
-    prices = {m: (float(llms[m]["input_price"]), float(llms[m]["output_price"])) for m in models}
-    return _build(
-        "llmrouter_9model",
-        models,
-        ids=[f"{r['split']}-{i}" for i, r in enumerate(rows)],
-        prompts=[r["query"] for r in rows],
-        benchmarks=[r["task_name"] for r in rows],
-        splits=[r["split"] for r in rows],
-        scores=[[float(r["scores"][m]) for m in models] for r in rows],
-        prices=prices,
-    )
+    path, prices_path = folder / "llmrouter_dcrouter_merged.jsonl.gz", folder / "raw" / "default_llm.json"
+    rows, llms = _read_jsonl(path), _read_json(prices_path)
+    with _parsing(path):
+        models = list(rows[0]["scores"])
+        columns = dict(
+            ids=[f"{r['split']}-{i}" for i, r in enumerate(rows)],
+            prompts=[r["query"] for r in rows],
+            benchmarks=[r["task_name"] for r in rows],
+            splits=[r["split"] for r in rows],
+            scores=[[float(r["scores"][m]) for m in models] for r in rows],
+        )
+    with _parsing(prices_path):
+        prices = {m: (float(llms[m]["input_price"]), float(llms[m]["output_price"])) for m in models}
+    return _build("llmrouter_9model", models, **columns, prices=prices)
 
 
 def routerbench_question(prompt_field: str) -> str:
@@ -179,19 +193,20 @@ def routerbench_question(prompt_field: str) -> str:
 
 def load_routerbench(root: Path) -> RoutingTable:
     """RouterBench 0-shot subset (ARC-C, MBPP, Winogrande), 11 models, real USD cost per query."""
-    rows = _read_csv(root / "routerbench_partial" / "routerbench_partial_compact.csv.gz")
-    models = [c for c in rows[0] if "|" not in c and c not in {"split", "sample_id", "eval_name", "prompt", "oracle_model_to_route_to"}]
-    rows = [r for r in rows if all(r[m].strip() for m in models)]
-    return _build(
-        "routerbench_partial",
-        models,
-        ids=[r["sample_id"] for r in rows],
-        prompts=[routerbench_question(r["prompt"]) for r in rows],
-        benchmarks=[r["eval_name"] for r in rows],
-        splits=[r["split"] for r in rows],
-        scores=[[float(r[m]) for m in models] for r in rows],
-        costs=[[float(r[f"{m}|total_cost"]) for m in models] for r in rows],
-    )
+    path = root / "routerbench_partial" / "routerbench_partial_compact.csv.gz"
+    rows = _read_csv(path)
+    with _parsing(path):
+        models = [c for c in rows[0] if "|" not in c and c not in {"split", "sample_id", "eval_name", "prompt", "oracle_model_to_route_to"}]
+        rows = [r for r in rows if all(r[m].strip() for m in models)]
+        columns = dict(
+            ids=[r["sample_id"] for r in rows],
+            prompts=[routerbench_question(r["prompt"]) for r in rows],
+            benchmarks=[r["eval_name"] for r in rows],
+            splits=[r["split"] for r in rows],
+            scores=[[float(r[m]) for m in models] for r in rows],
+            costs=[[float(r[f"{m}|total_cost"]) for m in models] for r in rows],
+        )
+    return _build("routerbench_partial", models, **columns)
 
 
 _ROUTERDC_FILE = re.compile(r"^(?P<bench>.+?)(?:[_-](?P<split>train|test))?\.json\.gz$")
@@ -205,13 +220,16 @@ def load_routerdc(root: Path) -> RoutingTable:
     for path in sorted((root / "routerdc_7model" / "raw").glob("*.json.gz")):
         match = _ROUTERDC_FILE.match(path.name)
         bench, split = match["bench"], match["split"] or "ood"
-        for i, row in enumerate(_read_json(path)):
-            models = models or list(row["scores"])
-            ids.append(f"{bench}-{split}-{i}")
-            prompts.append(row["question"])
-            benchmarks.append(bench)
-            splits.append(split)
-            scores.append([float(row["scores"][m]) for m in models])
+        with _parsing(path):
+            for i, row in enumerate(_read_json(path)):
+                models = models or list(row["scores"])
+                scores.append([float(row["scores"][m]) for m in models])
+                prompts.append(row["question"])
+                ids.append(f"{bench}-{split}-{i}")
+                benchmarks.append(bench)
+                splits.append(split)
+    if not models:
+        raise DatasetError(f"{root / 'routerdc_7model' / 'raw'}: no *.json.gz score files")
     prices = {m: (FLAT_PRICE_PER_MTOK, FLAT_PRICE_PER_MTOK) for m in models}
     return _build("routerdc_7model", models, ids, prompts, benchmarks, splits, scores, prices=prices)
 
@@ -252,23 +270,21 @@ def open_model_price(name: str) -> tuple[float, float]:
 def load_alpacaeval(root: Path) -> RoutingTable:
     """AlpacaEval 2.0 win probabilities against GPT-4-Turbo, 56 models (the two judge attacks excluded);
     output tokens are the answer's characters / 4. Open-ended chat: a held-out stress set, all "test"."""
-    rows = _read_csv(root / "alpacaeval2_58model" / "alpacaeval2_winrate_matrix.csv.gz")
-    header = list(rows[0])
-    models = [c for c in header[3:] if "|" not in c and c not in ALPACAEVAL_ATTACKS]
-    rows = [r for r in rows if all(r[m].strip() for m in models)]
+    path = root / "alpacaeval2_58model" / "alpacaeval2_winrate_matrix.csv.gz"
+    rows = _read_csv(path)
+    with _parsing(path):
+        models = [c for c in list(rows[0])[3:] if "|" not in c and c not in ALPACAEVAL_ATTACKS]
+        rows = [r for r in rows if all(r[m].strip() for m in models)]
+        output_tokens = np.array([[float(r[f"{m}|output_chars"] or 0) / 4 for m in models] for r in rows])
+        columns = dict(
+            ids=[f"alpacaeval-{i}" for i in range(len(rows))],
+            prompts=[r["instruction"] for r in rows],
+            benchmarks=[r["source_dataset"] for r in rows],
+            splits=["test"] * len(rows),
+            scores=[[float(r[m]) for m in models] for r in rows],
+        )
     prices = {m: ALPACAEVAL_API_PRICES.get(m) or open_model_price(m) for m in models}
-    output_tokens = np.array([[float(r[f"{m}|output_chars"] or 0) / 4 for m in models] for r in rows])
-    return _build(
-        "alpacaeval2_58model",
-        models,
-        ids=[f"alpacaeval-{i}" for i in range(len(rows))],
-        prompts=[r["instruction"] for r in rows],
-        benchmarks=[r["source_dataset"] for r in rows],
-        splits=["test"] * len(rows),
-        scores=[[float(r[m]) for m in models] for r in rows],
-        prices=prices,
-        output_tokens=output_tokens,
-    )
+    return _build("alpacaeval2_58model", models, **columns, prices=prices, output_tokens=output_tokens)
 
 
 BUILTIN_DATASETS: dict[str, Callable[[Path], RoutingTable]] = {

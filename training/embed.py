@@ -21,6 +21,8 @@ from typing import TypeVar
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from training.settings import cache_dir as cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -83,12 +85,6 @@ def count_tokens(texts: Sequence[str], name: str = DEFAULT_EMBEDDER) -> np.ndarr
     return np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
 
 
-def default_cache_dir() -> Path:
-    """`$FINEROUTER_CACHE/embeddings`, the cache root defaulting to `<repo root>/.cache`."""
-    cache_root = os.environ.get("FINEROUTER_CACHE") or Path(__file__).resolve().parent.parent / ".cache"
-    return Path(cache_root) / "embeddings"
-
-
 def _canonical_model_name(name: str) -> str:
     """One cache identity per model, whichever alias or relative path named it."""
     if name in _BUNDLED_ALIASES:
@@ -136,6 +132,17 @@ class _EncoderActor:
         return {"row": batch["row"], "embedding": embeddings}
 
 
+def _cpus_per_actor(num_actors: int) -> int:
+    """Share the cluster's CPUs among the actors, at most one node's worth each so every actor fits.
+
+    Ray sets OMP_NUM_THREADS to an actor's CPU count, so this is also how many threads torch uses there.
+    """
+    import ray
+
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    return max(1, int(min(max(node_cpus), sum(node_cpus) / num_actors)))
+
+
 def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_actors: int,
                          num_gpus: float) -> np.ndarray:
     """Embed on an actor pool of `num_actors` encoders and put the rows back in input order."""
@@ -150,8 +157,6 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
         block_rows = max(batch_size, min(math.ceil(len(texts) / (4 * num_actors)), 16 * batch_size))
         frame = pd.DataFrame({"row": np.arange(len(texts)), "text": list(texts)})
         blocks = [frame.iloc[start:start + block_rows] for start in range(0, len(frame), block_rows)]
-        # On CPU, torch in an actor uses as many threads as the actor reserves CPUs (OMP_NUM_THREADS).
-        cpus_per_actor = 1 if num_gpus > 0 else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_actors)
         embedded = ray.data.from_pandas(blocks).map_batches(
             _EncoderActor,
             fn_constructor_kwargs={"model": model, "device": "cuda" if num_gpus > 0 else "cpu",
@@ -159,7 +164,7 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=cpus_per_actor,
+            num_cpus=1 if num_gpus > 0 else _cpus_per_actor(num_actors),
             num_gpus=num_gpus or None,
         )
         in_input_order: np.ndarray | None = None
@@ -180,8 +185,9 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_si
 
     `use_ray=True` runs a Ray Data job on `num_actors` encoder actors (`num_gpus` each); `use_ray=False`
     encodes in this process. Both return the same float32, L2-normalised rows in input order.
+    The cache lives in `cache_dir`, by default `$FINEROUTER_CACHE/embeddings` (`<repo>/.cache/embeddings`).
     """
-    cache_path = _cache_path(texts, model, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    cache_path = _cache_path(texts, model, cache_root() / "embeddings" if cache_dir is None else Path(cache_dir))
     if cache_path.exists():
         logger.info("Embeddings cache hit: %s", cache_path)
         return np.load(cache_path)

@@ -114,7 +114,7 @@ def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[st
             continue
         curves[name] = []
         for seed in seeds:
-            quality = LEARNED_ROUTERS[name](train, seed).predict_quality(test_embeddings)
+            quality = LEARNED_ROUTERS[name](train, seed).predict_quality(test_embeddings, test.prompts)
             curves[name].append(trace_curve(quality, estimated, test.scores, test.costs, train.cost_scale))
             tick()
     return FoldResult(fold.name, test, curves)

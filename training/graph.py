@@ -26,8 +26,10 @@ HNSW_LINKS_PER_NODE = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 64
 
+# Ray path: faiss threads per query actor; fewer, wider actors hold fewer copies of the index.
+QUERY_ACTOR_CPUS = 4
 # Pairs of prompts scored per rank_biased_overlap call, bounding its temporary arrays.
-PERFORMANCE_SIMILARITY_CHUNK = 500_000
+PERFORMANCE_SIMILARITY_CHUNK = 200_000
 
 
 def _gpu_available() -> bool:
@@ -120,18 +122,25 @@ def _query_with_ray(index: faiss.Index, embeddings: np.ndarray, k: int, block_si
         ray.init(include_dashboard=False, ignore_reinit_error=True)
     try:
         # Nested in a dict, the references reach the actors unresolved and each actor fetches them once.
-        shared = {"index": ray.put(faiss.serialize_index(index)), "embeddings": ray.put(embeddings)}
+        serialized_index = faiss.serialize_index(index)
+        index_bytes = serialized_index.nbytes
+        shared = {"index": ray.put(serialized_index), "embeddings": ray.put(embeddings)}
+        del serialized_index  # the object store has it now
         blocks = _row_blocks(len(embeddings), block_size)
-        use_gpu = _gpu_available() and ray.cluster_resources().get("GPU", 0) > 0
-        actors = max(1, min(len(blocks), int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))))
+        resources = ray.cluster_resources()
+        use_gpu = _gpu_available() and resources.get("GPU", 0) > 0
+        cpus_per_actor = 1 if use_gpu else max(1, min(QUERY_ACTOR_CPUS, int(resources.get("CPU", 1))))
+        max_actors = int(resources["GPU"]) if use_gpu else int(resources.get("CPU", 1)) // cpus_per_actor
         answered = ray.data.from_numpy(blocks).map_batches(
             _IndexShard,
             fn_constructor_kwargs={"shared": shared, "k": k},
             batch_size=block_size,  # = the blocks above, so no batch straddles two of them
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=1,
+            # Each actor holds a copy of the index: reserve its memory so a node takes only what fits.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(blocks), max_actors))),
+            num_cpus=cpus_per_actor,
             num_gpus=1 if use_gpu else None,
+            memory=index_bytes,
         )
         neighbours = np.empty((len(embeddings), k), dtype=np.int64)
         similarities = np.empty((len(embeddings), k), dtype=np.float32)

@@ -20,7 +20,7 @@ from training.datasets import RoutingTable
 from training.metrics import curve_aiq, trace_curve
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity, so fitted routers can be cached per training set
 class TrainingSet:
     """A routing table's training rows with their prompt embeddings."""
 
@@ -50,13 +50,13 @@ class Router(ABC):
     """Predicts each pool model's quality (expected score in [0, 1]) on each prompt."""
 
     @abstractmethod
-    def predict_quality(self, embeddings: np.ndarray) -> np.ndarray:
-        """[N, M] predicted quality for N prompt embeddings."""
+    def predict_quality(self, embeddings: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """[N, M] predicted quality for N prompts (their embeddings and texts)."""
 
 
 def validation_score(router: Router, train: TrainingSet, validation: TrainingSet) -> float:
     """What tuning maximises: AIQ on the validation slice, or the routed quality where all models cost alike."""
-    quality = router.predict_quality(validation.embeddings)
+    quality = router.predict_quality(validation.embeddings, validation.table.prompts)
     table = validation.table
     estimated = train.cost_model.estimate(table.prompt_tokens)
     curve = trace_curve(quality, estimated, table.scores, table.costs, train.cost_scale)
@@ -84,7 +84,7 @@ class KNNRouter(Router):
     def __init__(self, data: TrainingSet, k: int):
         self.index, self.scores, self.k = _inner_product_index(data.embeddings), data.table.scores, k
 
-    def predict_quality(self, embeddings):
+    def predict_quality(self, embeddings, prompts=None):
         _, neighbours = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.k)
         return self.scores[neighbours].mean(axis=1)
 
@@ -107,7 +107,7 @@ class ClusterRouter(Router):
         )
         self.index = _inner_product_index(kmeans.centroids)
 
-    def predict_quality(self, embeddings):
+    def predict_quality(self, embeddings, prompts=None):
         similarity, nearest = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.TOP)
         weights = np.exp((similarity - similarity[:, :1]) / self.TEMPERATURE)
         weights /= weights.sum(axis=1, keepdims=True)
@@ -144,7 +144,7 @@ class MLPRouter(Router):
         self.net.load_state_dict(best_state)
         self.net.eval()
 
-    def predict_quality(self, embeddings):
+    def predict_quality(self, embeddings, prompts=None):
         with torch.no_grad():
             return torch.sigmoid(self.net(torch.as_tensor(embeddings, dtype=torch.float32))).numpy().astype(np.float64)
 

@@ -1,0 +1,203 @@
+"""The router artifact: everything a routing decision needs, in one versioned, checksummed directory.
+
+    ARTIFACT_DIR/manifest.json   format version, embedder, pool (models, prices), cost model scale, training
+                                 config, validation metrics, and the sha256 of every other file
+    ARTIFACT_DIR/weights.npz     the task classifier, the mixture of experts, the task quality table, the
+                                 blend weights and the cost model, as plain arrays
+
+Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
+deployment load this one type and call `route`, which ends in the shared decision rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serve.decision import CostModel, rank_models
+from serve.features import FEATURE_NAMES, prompt_features
+
+FORMAT_VERSION = 1
+WEIGHT_ARRAYS = (
+    "feature_mean",  # [F] standardisation of the prompt features
+    "feature_std",  # [F]
+    "classifier_w1",  # [D+F, Hc] task classifier p(task | prompt): one hidden layer
+    "classifier_b1",  # [Hc]
+    "classifier_w2",  # [Hc, T]
+    "classifier_b2",  # [T]
+    "trunk_w",  # [D+F, H] mixture of experts: shared trunk
+    "trunk_b",  # [H]
+    "general_w",  # [H, M] general heads, one logit per model
+    "general_b",  # [M]
+    "task_w",  # [T, H, M] task-specific heads (residual logits on each task's candidates)
+    "task_b",  # [T, M]
+    "candidates",  # [T, M] 1 where the model is one of the task's candidates
+    "task_quality",  # [T, M] each model's mean quality on each task, shrunk toward the global mean
+    "blend",  # [T] per-task weight of the MoE against the task table
+    "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
+    "cost_fixed",  # [M]
+)
+
+
+class ArtifactError(ValueError):
+    """A router artifact that cannot be used; the message says which file and what is wrong."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Decision:
+    """Routing decisions for a batch of N prompts over a pool of M models."""
+
+    order: np.ndarray  # [N, M] model indices, best first
+    eligible: np.ndarray  # [N, M] bool, aligned with order
+    quality: np.ndarray  # [N, M] predicted quality, pool order
+    cost: np.ndarray  # [N, M] estimated USD, pool order
+    task: np.ndarray  # [N] most likely task
+    task_probability: np.ndarray  # [N]
+
+
+@dataclass
+class RouterArtifact:
+    manifest: dict
+    weights: dict[str, np.ndarray]
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.manifest["models"])
+
+    @property
+    def embedder(self) -> str:
+        return self.manifest["embedder"]
+
+    @property
+    def cost_scale(self) -> float:
+        return float(self.manifest["cost_scale"])
+
+    @property
+    def cost_model(self) -> CostModel:
+        return CostModel(per_token=self.weights["cost_per_token"], fixed=self.weights["cost_fixed"])
+
+    def with_blend(self, blend: float) -> "RouterArtifact":
+        """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
+        weights = {**self.weights, "blend": np.full_like(self.weights["blend"], blend)}
+        return RouterArtifact({**self.manifest, "blend_override": blend}, weights)
+
+    def _inputs(self, embeddings: np.ndarray, texts: list[str]) -> np.ndarray:
+        features = (prompt_features(texts) - self.weights["feature_mean"]) / self.weights["feature_std"]
+        return np.concatenate([np.asarray(embeddings, np.float32), features.astype(np.float32)], axis=1)
+
+    def task_probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        w = self.weights
+        hidden = np.maximum(inputs @ w["classifier_w1"] + w["classifier_b1"], 0)
+        return _softmax(hidden @ w["classifier_w2"] + w["classifier_b2"])
+
+    def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] blended quality, [N, T] task probabilities)."""
+        w = self.weights
+        inputs = self._inputs(embeddings, texts)
+        tasks = self.task_probabilities(inputs)
+        hidden = np.maximum(inputs @ w["trunk_w"] + w["trunk_b"], 0)
+        task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
+        logits = hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None])
+        moe = 1 / (1 + np.exp(-logits))
+        blend = (tasks @ w["blend"])[:, None]
+        return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
+
+    def route(
+        self,
+        embeddings: np.ndarray,
+        texts: list[str],
+        prompt_tokens: np.ndarray,
+        cost_weight: float,
+        *,
+        allowed: np.ndarray | None = None,
+        cost_cap: float | None = None,
+    ) -> Decision:
+        quality, tasks = self.predict(embeddings, texts)
+        cost = self.cost_model.estimate(prompt_tokens)
+        order, eligible = rank_models(quality, cost, cost_weight, self.cost_scale, allowed=allowed, cost_cap=cost_cap)
+        return Decision(order, eligible, quality, cost, tasks.argmax(axis=1), tasks.max(axis=1))
+
+    def save(self, path: Path | str) -> Path:
+        """Write atomically: a complete artifact appears at `path`, or nothing changes there."""
+        path = Path(path)
+        missing = [name for name in WEIGHT_ARRAYS if name not in self.weights]
+        if missing:
+            raise ArtifactError(f"cannot save an artifact without {missing}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            np.savez(staging / "weights.npz", **{name: self.weights[name] for name in WEIGHT_ARRAYS})
+            manifest = {
+                **self.manifest,
+                "format_version": FORMAT_VERSION,
+                "features": list(FEATURE_NAMES),
+                "checksums": {"weights.npz": _sha256(staging / "weights.npz")},
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if path.exists():
+                retired = path.with_name(f".{path.name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(path, retired)
+                os.replace(staging, path)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.manifest, self.path = manifest, path
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> "RouterArtifact":
+        """Load and verify: refuses a missing file, a checksum mismatch, another format version, or weights
+        whose shapes disagree with the manifest's pool."""
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{path}: not a router artifact (no manifest.json); build one with `python -m training fit`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{manifest_path}: not valid JSON ({error.msg})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, this build reads {FORMAT_VERSION}")
+        for name, expected in manifest.get("checksums", {}).items():
+            if not (path / name).is_file():
+                raise ArtifactError(f"{path / name}: missing (the artifact is incomplete)")
+            if _sha256(path / name) != expected:
+                raise ArtifactError(f"{path / name}: checksum mismatch (the file was changed or corrupted after training)")
+        if "weights.npz" not in manifest.get("checksums", {}):
+            raise ArtifactError(f"{manifest_path}: no checksum for weights.npz")
+        with np.load(path / "weights.npz") as archive:
+            weights = {name: archive[name] for name in archive.files}
+        missing = [name for name in WEIGHT_ARRAYS if name not in weights]
+        if missing:
+            raise ArtifactError(f"{path / 'weights.npz'}: missing arrays {missing}")
+        models = len(manifest["models"])
+        if weights["general_w"].shape[1] != models or weights["task_quality"].shape[1] != models:
+            raise ArtifactError(f"{path}: weights are for {weights['general_w'].shape[1]} models, the manifest lists {models}")
+        if manifest.get("features") != list(FEATURE_NAMES):
+            raise ArtifactError(f"{manifest_path}: trained with prompt features {manifest.get('features')}, this build computes {list(FEATURE_NAMES)}")
+        return cls(manifest, weights, path)
