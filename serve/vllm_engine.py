@@ -37,7 +37,7 @@ class VLLMEngine:
 
         `kv_cache_gib` sizes the KV cache on CPU (vLLM-CPU otherwise reserves a large share of RAM);
         `default_max_tokens` caps answers whose request sets no limit, since CPU decoding is slow.
-        `engine_kwargs` go to vLLM's AsyncEngineArgs and override the CPU-minded defaults below.
+        `engine_kwargs` go to vLLM's AsyncEngineArgs and override the CPU-minded default below.
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -50,12 +50,8 @@ class VLLMEngine:
             model_name = model_name or MODEL_NAME
         self.model_name = model_name or model
         self.default_max_tokens = default_max_tokens
-        kwargs = {
-            "enforce_eager": True,  # no CUDA graphs / torch.compile: slow to start, no gain on CPU
-            # The worker runs inside vLLM's engine-core process instead of a third process.
-            "distributed_executor_backend": "uni",
-            **(engine_kwargs or {}),
-        }
+        # No CUDA graphs / torch.compile: slow to start, no gain on CPU.
+        kwargs = {"enforce_eager": True, **(engine_kwargs or {})}
         args = AsyncEngineArgs(
             model=model, served_model_name=[self.model_name], max_model_len=max_model_len, **kwargs
         )

@@ -27,3 +27,36 @@ def shared_data():
     if not (data_dir() / "README.md").is_file():
         pytest.skip(f"routing datasets not found at {data_dir()} (set FINEROUTER_DATA_DIR)")
     return data_dir()
+
+
+def synthetic_routing_set(rows: int = 400, clusters: int = 4, seed: int = 0):
+    """A small routing problem with planted structure: each prompt cluster has its own best model, and the
+    dearest model is the best on average. Returns a TrainingSet."""
+    import numpy as np
+
+    from training.datasets import RoutingTable
+    from training.routers import TrainingSet
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, 384))
+    cluster = rng.integers(0, clusters, rows)
+    embeddings = centres[cluster] + 0.3 * rng.normal(size=(rows, 384))
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    skill = np.array([[0.9, 0.2, 0.3], [0.3, 0.9, 0.2], [0.5, 0.4, 0.8], [0.8, 0.1, 0.1]])[:clusters]
+    scores = (rng.random((rows, 3)) < skill[cluster]).astype(float)
+    tokens = rng.integers(10, 200, rows)
+    prices = {"big": (1.0, 1.0), "mid": (0.3, 0.3), "small": (0.1, 0.1)}
+    costs = (tokens[:, None] + 100) * np.array([p[0] for p in prices.values()])[None, :] / 1e6
+    table = RoutingTable(
+        name="synthetic",
+        models=list(prices),
+        prompt_ids=np.array([str(i) for i in range(rows)], dtype=object),
+        prompts=[f"prompt {i} of kind {c}" + (" def f(): return 1" if c == 1 else "?") for i, c in enumerate(cluster)],
+        benchmarks=np.array([f"kind{c}" for c in cluster], dtype=object),
+        splits=np.array(["train"] * rows, dtype=object),
+        scores=scores,
+        costs=costs,
+        prompt_tokens=tokens,
+        prices=prices,
+    )
+    return TrainingSet(table, embeddings)

@@ -29,6 +29,22 @@ def _load(args):
     return table, embeddings
 
 
+def _fit(args, table, embeddings) -> None:
+    """Train on the dataset's training rows (all rows of a dataset without a split), save the artifact."""
+    import numpy as np
+
+    from training.embed import DEFAULT_EMBEDDER
+    from training.fit import FitConfig, fit_router
+    from training.protocols import folds
+    from training.routers import TrainingSet
+
+    rows = folds(table, "standard")[0].train
+    config = FitConfig(embedder=args.embedder or DEFAULT_EMBEDDER, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer)
+    artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), config)
+    artifact.save(args.out)
+    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AIQ gain intervals")
     evaluate.add_argument("--out", type=Path, required=True)
 
+    fit = commands.add_parser("fit", help="train FineRouter on the training split and write a router artifact")
+    _dataset_arguments(fit)
+    fit.add_argument("--out", type=Path, required=True, help="the artifact directory (written atomically)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    fit.add_argument("--use-gpu", action="store_true", help="Ray Train workers on GPUs")
+    fit.add_argument("--trainer", choices=["ray", "local"], default="ray", help="Ray Train's TorchTrainer, or the same loop in-process")
+
     args = parser.parse_args(argv)
     from training.datasets import DatasetError
 
@@ -51,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         table, embeddings = _load(args)
         if args.command == "embed":
             print(f"{args.dataset}: {embeddings.shape[0]} prompts embedded, dimension {embeddings.shape[1]}")
+        elif args.command == "fit":
+            _fit(args, table, embeddings)
         elif args.command == "evaluate":
             from training.evaluate import evaluate as run_evaluation, markdown_table, write_report
 

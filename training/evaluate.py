@@ -18,10 +18,12 @@ from tqdm import tqdm
 from training.datasets import RoutingTable
 from training.metrics import bootstrap_gain, cost_to_reach, curve_aiq, frontier, trace_curve
 from training.protocols import folds
-from training.routers import LEARNED_ROUTERS, TrainingSet
+from training.fit import FINEROUTER_VARIANTS
+from training.routers import BASELINE_ROUTERS, TrainingSet
 
 Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
 SEEDS = (0, 1, 2)
+LEARNED_ROUTERS = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS}
 
 
 def _fixed_choice(table: RoutingTable, model: int) -> Curve:

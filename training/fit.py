@@ -19,7 +19,7 @@ from serve.artifact import RouterArtifact
 from serve.features import prompt_features
 from training.graph import discover_tasks
 from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
-from training.routers import LEARNED_ROUTERS, Router, TrainingSet, validation_score
+from training.routers import Router, TrainingSet, validation_score
 
 
 @dataclass
@@ -166,11 +166,10 @@ def _evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) -
     return cache[key]
 
 
-LEARNED_ROUTERS.update(
-    {
-        "finerouter": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed)),
-        "finerouter_stage1": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(0.0)),
-        "finerouter_stage2": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(1.0)),
-        "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed, semantic_only=True)),
-    }
-)
+# FineRouter and its ablations, as the evaluation builds them (name -> builder(training set, seed)).
+FINEROUTER_VARIANTS = {
+    "finerouter": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed)),
+    "finerouter_stage1": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(0.0)),
+    "finerouter_stage2": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(1.0)),
+    "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed, semantic_only=True)),
+}

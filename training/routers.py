@@ -18,6 +18,7 @@ import torch
 from serve.decision import CostModel
 from training.datasets import RoutingTable
 from training.metrics import curve_aiq, trace_curve
+from training.moe import single_threaded
 
 
 @dataclass(eq=False)  # hashed by identity, so fitted routers can be cached per training set
@@ -118,6 +119,7 @@ class MLPRouter(Router):
     """A per-model quality regressor on the embedding: one hidden layer, sigmoid outputs, BCE on soft scores,
     early-stopped on a validation slice."""
 
+    @single_threaded()
     def __init__(self, data: TrainingSet, seed: int, hidden: int = 256, epochs: int = 60):
         torch.manual_seed(seed)
         fit_part, validation = data.validation_split(seed + 1000)
@@ -152,8 +154,8 @@ class MLPRouter(Router):
 KNN_K = (5, 10, 20, 50, 100)
 CLUSTER_K = (8, 16, 32, 64)
 
-# name -> builder(training set, seed) -> router. Later routers register here too.
-LEARNED_ROUTERS: dict[str, Callable[[TrainingSet, int], Router]] = {
+# name -> builder(training set, seed) -> router.
+BASELINE_ROUTERS: dict[str, Callable[[TrainingSet, int], Router]] = {
     "knn": lambda data, seed: tune(lambda d, s, k: KNNRouter(d, k), KNN_K, data, seed)[0],
     "cluster": lambda data, seed: tune(lambda d, s, k: ClusterRouter(d, k, s), CLUSTER_K, data, seed)[0],
     "mlp": lambda data, seed: MLPRouter(data, seed),
