@@ -228,11 +228,10 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
+    styles = {"oracle": dict(linestyle="--"), "zero_router": dict(linestyle=":", color="grey")}
     for name, curve in report["curves"].items():
-        if name == "zero_router":
-            continue
         hull_cost, hull_quality = frontier(np.array(curve["cost"]), np.array(curve["quality"]))
-        axes.plot(hull_cost, hull_quality, marker=".", label=name, linestyle="--" if name == "oracle" else "-")
+        axes.plot(hull_cost, hull_quality, marker=".", label=name, **styles.get(name, {}))
     for model, point in report["single_models"].items():
         axes.scatter(point["cost"], point["quality"], color="black", s=12)
         axes.annotate(model.split("/")[-1], (point["cost"], point["quality"]), fontsize=6, alpha=0.7)

@@ -34,6 +34,7 @@ class FitConfig:
     candidate_margin: float = 0.1  # a task's candidates: models within this of the task's best mean quality
     blends: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     per_task_blend: bool = False  # a blend weight per task where validation has enough of its prompts
+    prompt_features: bool = True  # surface features beside the embedding (off: the networks see zeros)
     validation_fraction: float = 0.2
     network: NetworkConfig = field(default_factory=NetworkConfig)
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (the same loop in-process)
@@ -90,6 +91,7 @@ def _select_stage1(fit: TrainingSet, validation: TrainingSet, config: FitConfig)
 
 
 def _choose_blend(artifact: RouterArtifact, fit: TrainingSet, validation: TrainingSet, config: FitConfig) -> tuple[np.ndarray, dict]:
+    """One blend weight for all tasks (and, with per_task_blend, one per well-represented task), by validation."""
     scores = {a: validation_score(ArtifactRouter(artifact.with_blend(a)), fit, validation) for a in config.blends}
     best = max(scores, key=scores.get)
     blend = np.full(artifact.weights["task_quality"].shape[0], best, dtype=np.float32)
@@ -114,6 +116,8 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     candidates = (table >= table.max(axis=1, keepdims=True) - config.candidate_margin).astype(np.float32)
     features = prompt_features(fit.table.prompts)
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    if not config.prompt_features:
+        std = np.full_like(std, np.inf)  # standardised features become 0 in training and at inference
     inputs = np.concatenate([fit.embeddings, (features - mean) / std], axis=1).astype(np.float32)
     network_data = {"inputs": inputs, "scores": fit.table.scores.astype(np.float32), "tasks": labels, "candidates": candidates}
     network = replace(config.network, seed=config.seed)
@@ -147,7 +151,13 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     artifact = RouterArtifact(manifest, weights)
     blend, blend_scores = _choose_blend(artifact, fit, validation, config)
     artifact.weights["blend"] = blend
-    artifact.manifest["validation"] = {"stage1": stage1, "stage1_trials": trials, "blend": blend_scores, "loss_history": history}
+    artifact.manifest["validation"] = {
+        "score": validation_score(ArtifactRouter(artifact), fit, validation),
+        "stage1": stage1,
+        "stage1_trials": trials,
+        "blend": blend_scores,
+        "loss_history": history,
+    }
     log(f"blend: {blend_scores} -> {sorted(set(blend.tolist()))}; fitted in {time.perf_counter() - started:.1f}s")
     return artifact
 
