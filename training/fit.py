@@ -17,7 +17,7 @@ import numpy as np
 
 from serve.artifact import RouterArtifact
 from serve.features import prompt_features
-from training.graph import discover_tasks
+from training.graph import knn, leiden, merge_small_communities, task_graph
 from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
 from training.routers import Router, TrainingSet, validation_score
 
@@ -81,11 +81,14 @@ def task_table(labels: np.ndarray, scores: np.ndarray, shrinkage: float) -> np.n
 def _select_stage1(fit: TrainingSet, validation: TrainingSet, config: FitConfig) -> tuple[dict, np.ndarray, list]:
     """The (k, mix, resolution) whose task table routes the validation slice best."""
     trials = []
-    for k, mix, resolution in itertools.product(config.ks, config.mixes, config.resolutions):
-        labels = discover_tasks(fit.embeddings, fit.table.scores, k=k, mix=mix, resolution=resolution, min_size=config.min_task_size, seed=config.seed)
-        table = task_table(labels, fit.table.scores, config.shrinkage)
-        score = validation_score(_TableRouter(fit.embeddings, labels, table), fit, validation)
-        trials.append({"k": k, "mix": mix, "resolution": resolution, "tasks": int(labels.max() + 1), "validation_score": score, "labels": labels})
+    neighbours, similarities = knn(fit.embeddings, max(config.ks), seed=config.seed)  # once, sliced per k
+    for k, mix in itertools.product(config.ks, config.mixes):
+        graph = task_graph(neighbours[:, :k], similarities[:, :k], fit.table.scores, mix)
+        for resolution in config.resolutions:
+            labels = merge_small_communities(leiden(graph, resolution, config.seed), fit.embeddings, config.min_task_size)
+            table = task_table(labels, fit.table.scores, config.shrinkage)
+            score = validation_score(_TableRouter(fit.embeddings, labels, table), fit, validation)
+            trials.append({"k": k, "mix": mix, "resolution": resolution, "tasks": int(labels.max() + 1), "validation_score": score, "labels": labels})
     best = max(trials, key=lambda t: t["validation_score"])
     return best, best.pop("labels"), [{key: v for key, v in t.items() if key != "labels"} for t in trials]
 
