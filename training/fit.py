@@ -122,7 +122,15 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     if not config.prompt_features:
         std = np.full_like(std, np.inf)  # standardised features become 0 in training and at inference
     inputs = np.concatenate([fit.embeddings, (features - mean) / std], axis=1).astype(np.float32)
-    network_data = {"inputs": inputs, "scores": fit.table.scores.astype(np.float32), "tasks": labels, "candidates": candidates}
+    validation_features = (prompt_features(validation.table.prompts) - mean) / std
+    network_data = {
+        "inputs": inputs,
+        "scores": fit.table.scores.astype(np.float32),
+        "tasks": labels,
+        "candidates": candidates,
+        "validation_inputs": np.concatenate([validation.embeddings, validation_features], axis=1).astype(np.float32),
+        "validation_scores": validation.table.scores.astype(np.float32),
+    }
     network = replace(config.network, seed=config.seed)
     if config.trainer == "ray":
         networks = train_with_ray(network_data, network, num_workers=config.num_workers, use_gpu=config.use_gpu)

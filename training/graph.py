@@ -17,10 +17,12 @@ import numpy as np
 INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
 EXACT_BELOW_ROWS = 100_000
 
-# IVF-Flat: about 4 * sqrt(N) lists, trained on a seeded sample (k-means on all rows costs minutes at 1e6).
-IVF_LISTS_PER_SQRT_ROW = 4
+# IVF-Flat: about 2 * sqrt(N) lists, k-means on a seeded sample of 40 rows per list (all rows cost minutes
+# at 1e6); 32 probes give recall@10 0.96 at 1e6 on the benchmark's MiniLM-like data (0.84 with 16).
+IVF_LISTS_PER_SQRT_ROW = 2
 IVF_TRAINING_ROWS_PER_LIST = 40
-IVF_PROBES = 16
+IVF_KMEANS_ITERATIONS = 10
+IVF_PROBES = 32
 # HNSW: faiss's usual settings for ~0.95 recall@10 on sentence embeddings.
 HNSW_LINKS_PER_NODE = 32
 HNSW_EF_CONSTRUCTION = 64
@@ -59,6 +61,7 @@ def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         index.cp.spherical = True  # centroids on the unit sphere, like the rows
         index.cp.seed = seed
+        index.cp.niter = IVF_KMEANS_ITERATIONS
         training_rows = min(rows, IVF_TRAINING_ROWS_PER_LIST * lists)
         sample = np.sort(np.random.default_rng(seed).choice(rows, size=training_rows, replace=False))
         index.train(embeddings[sample])

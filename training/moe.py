@@ -89,26 +89,52 @@ def _batches(rows: int, batch_size: int, generator: torch.Generator):
     return torch.randperm(rows, generator=generator).split(batch_size)
 
 
+def _snapshot(*modules: nn.Module) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _restore(modules, states) -> None:
+    for module, state in zip(modules, states):
+        module.load_state_dict(state)
+
+
 @single_threaded()
 def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: model, shard=lambda n: np.arange(n)) -> dict:
     """Fit the classifier and the MoE (two phases) on `data` = {inputs [N, D], scores [N, M], tasks [N],
-    candidates [T, M]}. `prepare` and `shard` let Ray Train wrap the models for data-parallel workers;
-    the defaults train in-process. Returns the models' state dicts and the loss history."""
+    candidates [T, M], and optionally validation_inputs / validation_scores}. With validation data each phase
+    keeps its epoch of lowest validation quality loss (early stopping). `prepare` and `shard` let Ray Train
+    wrap the models for data-parallel workers; the defaults train in-process. Returns the models' state
+    dicts and the loss history."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rows = shard(len(data["inputs"]))
     x = torch.as_tensor(data["inputs"][rows], dtype=torch.float32)
     y = torch.as_tensor(data["scores"][rows], dtype=torch.float32)
     t = torch.as_tensor(data["tasks"][rows], dtype=torch.long)
+    has_validation = "validation_inputs" in data
+    if has_validation:
+        xv = torch.as_tensor(data["validation_inputs"], dtype=torch.float32)
+        yv = torch.as_tensor(data["validation_scores"], dtype=torch.float32)
     candidates = torch.as_tensor(data["candidates"])
     classifier = prepare(TaskClassifier(x.shape[1], config.classifier_hidden, candidates.shape[0], config.dropout))
     moe = prepare(MixtureOfExperts(x.shape[1], config.hidden, y.shape[1], candidates, config.dropout))
     plain_moe = getattr(moe, "module", moe)
+    plain_classifier = getattr(classifier, "module", classifier)
+
+    def validation_loss(with_tasks: bool) -> float:
+        plain_moe.eval()
+        plain_classifier.eval()
+        with torch.no_grad():
+            gate = torch.softmax(plain_classifier(xv), dim=1) if with_tasks else None
+            return quality_loss(plain_moe(xv, gate), yv, config.pairwise_weight).item()
 
     shared = [*plain_moe.trunk.parameters(), *plain_moe.general.parameters(), *classifier.parameters()]
     optimiser = torch.optim.AdamW(shared, lr=config.learning_rate, weight_decay=config.weight_decay)
-    history = {"phase1_loss": [], "classifier_loss": [], "phase2_loss": []}
+    history = {"phase1_loss": [], "classifier_loss": [], "phase2_loss": [], "phase1_validation": [], "phase2_validation": []}
+    best = (float("inf"), None)
     for _ in range(config.epochs):
+        moe.train()
+        classifier.train()
         quality_total = task_total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
             optimiser.zero_grad()
@@ -120,6 +146,12 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
             task_total += task.item() * len(batch)
         history["phase1_loss"].append(quality_total / len(x))
         history["classifier_loss"].append(task_total / len(x))
+        if has_validation:
+            history["phase1_validation"].append(validation_loss(with_tasks=False))
+            if history["phase1_validation"][-1] < best[0]:
+                best = (history["phase1_validation"][-1], _snapshot(plain_moe, plain_classifier))
+    if best[1] is not None:
+        _restore((plain_moe, plain_classifier), best[1])
 
     # Phase 2: only the task heads learn, on top of the frozen trunk, general heads and classifier.
     classifier.eval()
@@ -127,6 +159,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
     with torch.no_grad():
         gate = torch.softmax(classifier(x), dim=1)
     optimiser = torch.optim.AdamW([plain_moe.task_w, plain_moe.task_b], lr=config.learning_rate, weight_decay=config.weight_decay)
+    best = (validation_loss(with_tasks=True), _snapshot(plain_moe)) if has_validation else (float("inf"), None)
     for _ in range(config.task_epochs):
         total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
@@ -136,8 +169,14 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
             optimiser.step()
             total += loss.item() * len(batch)
         history["phase2_loss"].append(total / len(x))
+        if has_validation:
+            history["phase2_validation"].append(validation_loss(with_tasks=True))
+            if history["phase2_validation"][-1] < best[0]:
+                best = (history["phase2_validation"][-1], _snapshot(plain_moe))
+    if best[1] is not None:
+        _restore((plain_moe,), best[1])
     return {
-        "classifier": {k: v.detach().cpu() for k, v in getattr(classifier, "module", classifier).state_dict().items()},
+        "classifier": {k: v.detach().cpu() for k, v in plain_classifier.state_dict().items()},
         "moe": {k: v.detach().cpu() for k, v in plain_moe.state_dict().items()},
         "history": history,
     }
