@@ -119,7 +119,7 @@ class RouterArtifact:
         hidden = np.maximum(inputs @ w["trunk_w"] + w["trunk_b"], 0)
         task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
         logits = hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None])
-        moe = 1 / (1 + np.exp(-logits))
+        moe = 0.5 * (1 + np.tanh(logits / 2))  # the logistic function, without overflow
         blend = (tasks @ w["blend"])[:, None]
         return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
 

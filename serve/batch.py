@@ -87,19 +87,30 @@ def _parquet_columns(fs: pafs.FileSystem, file: str) -> tuple[int, dict[str, str
         raise BatchInputError(f"{file}: not a readable Parquet file ({error})") from None
 
 
+def _first_record_line(fs: pafs.FileSystem, file: str) -> tuple[int, str]:
+    """(line number, text) of the first non-blank line, or (0, "") for a file without one."""
+    with fs.open_input_stream(file) as stream:
+        try:
+            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+                if line.strip():
+                    return number, line
+        except UnicodeDecodeError:
+            raise BatchInputError(f"{file}: not UTF-8 text; expected one JSON object per line") from None
+    return 0, ""
+
+
 def _jsonl_columns(fs: pafs.FileSystem, file: str) -> tuple[int, dict[str, str]]:
     """1 and the first record's keys with the type of each value, or 0 and {} when the file has no record."""
-    with fs.open_input_stream(file) as stream:
-        for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise BatchInputError(f"{file}: line {number} is not JSON ({error.msg}); expected one JSON object per line") from None
-                if not isinstance(record, dict):
-                    raise BatchInputError(f"{file}: line {number} is not a JSON object; expected one object per line")
-                return 1, {key: "string" if isinstance(value, str) else "null" if value is None else type(value).__name__ for key, value in record.items()}
-    return 0, {}
+    number, line = _first_record_line(fs, file)
+    if not number:
+        return 0, {}
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise BatchInputError(f"{file}: line {number} is not JSON ({error.msg}); expected one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise BatchInputError(f"{file}: line {number} is not a JSON object; expected one object per line")
+    return 1, {key: "string" if isinstance(value, str) else "null" if value is None else type(value).__name__ for key, value in record.items()}
 
 
 def check_input(path: str, prompt_column: str, output_columns: tuple[str, ...]) -> tuple[pafs.FileSystem, list[str], str]:
@@ -114,7 +125,7 @@ def check_input(path: str, prompt_column: str, output_columns: tuple[str, ...]) 
             continue
         if prompt_column not in columns:
             raise BatchInputError(f"{file}: no column {prompt_column!r} (it has {sorted(columns)}); name the prompt column with --prompt-column")
-        if columns[prompt_column] not in ("string", "large_string"):
+        if columns[prompt_column] not in ("string", "large_string", "null"):  # null: a JSON record without a prompt
             raise BatchInputError(f"{file}: column {prompt_column!r} holds {columns[prompt_column]}, not text")
         clashes = sorted(set(columns) & set(output_columns))
         if clashes:
@@ -125,7 +136,7 @@ def check_input(path: str, prompt_column: str, output_columns: tuple[str, ...]) 
     return fs, readable, file_format
 
 
-def decision_columns(decision: Decision, models: list[str]) -> dict[str, list | np.ndarray]:
+def decision_columns(decision: Decision, models: list[str]) -> dict[str, list]:
     """The decision as output columns; `ranked_models` lists the eligible models, best first."""
     rows = np.arange(len(decision.order))
     chosen = decision.order[:, 0]
@@ -133,15 +144,28 @@ def decision_columns(decision: Decision, models: list[str]) -> dict[str, list | 
     return {
         "routed_model": names[chosen].tolist(),
         "ranked_models": [names[order[eligible]].tolist() for order, eligible in zip(decision.order, decision.eligible)],
-        "predicted_quality": decision.quality[rows, chosen],
-        "estimated_cost_usd": decision.cost[rows, chosen],
-        "task": decision.task.astype(np.int64),
-        "task_probability": decision.task_probability,
+        "predicted_quality": decision.quality[rows, chosen].astype(float).tolist(),
+        "estimated_cost_usd": decision.cost[rows, chosen].astype(float).tolist(),
+        "task": decision.task.astype(int).tolist(),
+        "task_probability": decision.task_probability.astype(float).tolist(),
     }
 
 
+def _spread(values: list, present: np.ndarray, index: pd.Index, dtype: str) -> pd.Series:
+    """`values` on the rows where `present` holds, null on the others."""
+    remaining = iter(values)
+    return pd.Series([next(remaining) if here else None for here in present], index=index, dtype=dtype)
+
+
+# Nullable dtypes, so a batch with missing prompts writes the same schema as one without.
+_DECISION_DTYPES = {"routed_model": "string", "ranked_models": "object", "predicted_quality": "Float64",
+                    "estimated_cost_usd": "Float64", "task": "Int64", "task_probability": "Float64"}
+
+
 class Router:
-    """Ray Data actor: loads the artifact and its encoder once, then routes each batch of prompts."""
+    """Ray Data actor: loads the artifact and its encoder once, then routes each batch of prompts.
+
+    A row without a prompt (null) gets null decision columns instead of failing the whole job."""
 
     def __init__(self, artifact_dir: str, prompt_column: str, cost_weight: float, allowed: np.ndarray | None,
                  cost_cap: float | None, device: str):
@@ -154,15 +178,16 @@ class Router:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from training.embed import count_tokens, encode
 
-        prompts = batch[self.prompt_column]
-        if prompts.isna().any():
-            raise BatchInputError(f"{int(prompts.isna().sum())} row(s) have no {self.prompt_column!r} value; drop or fill them")
-        texts = prompts.tolist()
-        decision = self.artifact.route(
-            encode(self.encoder, texts), texts, count_tokens(texts, self.artifact.embedder), self.cost_weight,
-            allowed=self.allowed, cost_cap=self.cost_cap,
-        )
-        return batch.assign(**decision_columns(decision, self.artifact.models))
+        present = batch[self.prompt_column].notna().to_numpy()
+        texts = batch[self.prompt_column][present].tolist()
+        columns = dict.fromkeys(DECISION_COLUMNS, [])
+        if texts:
+            decision = self.artifact.route(
+                encode(self.encoder, texts), texts, count_tokens(texts, self.artifact.embedder), self.cost_weight,
+                allowed=self.allowed, cost_cap=self.cost_cap,
+            )
+            columns = decision_columns(decision, self.artifact.models)
+        return batch.assign(**{name: _spread(values, present, batch.index, _DECISION_DTYPES[name]) for name, values in columns.items()})
 
 
 def answer(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[str | None, str | None, str | None]:
@@ -207,10 +232,15 @@ class Answerer:
         self.threads = ThreadPoolExecutor(concurrency)
         self.prompt_column, self.max_tokens = prompt_column, max_tokens
 
+    def _answer(self, model, prompt) -> tuple[str | None, str | None, str | None]:
+        if pd.isna(model):
+            return None, None, f"no {self.prompt_column!r} value, so no routed model"
+        return answer(self.client, model, prompt, self.max_tokens)
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        results = list(self.threads.map(lambda model, prompt: answer(self.client, model, prompt, self.max_tokens),
-                                        batch["routed_model"], batch[self.prompt_column]))
-        return batch.assign(**dict(zip(ANSWER_COLUMNS, map(list, zip(*results)))))
+        results = list(self.threads.map(self._answer, batch["routed_model"], batch[self.prompt_column]))
+        return batch.assign(**{name: pd.Series(values, index=batch.index, dtype="string")
+                               for name, values in zip(ANSWER_COLUMNS, zip(*results))})
 
 
 def _allowed(artifact: RouterArtifact, candidates: list[str] | None) -> np.ndarray | None:
@@ -247,13 +277,19 @@ def build_dataset(args: argparse.Namespace):
     fs, files, file_format = check_input(args.input, args.prompt_column, DECISION_COLUMNS + (ANSWER_COLUMNS if args.generate else ()))
     _check_output(args.output)
 
+    if not ray.is_initialized():
+        ray.init()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if args.actors * args.cpus_per_actor > cpus - 1:  # router actors holding every CPU starve the read tasks
+        raise BatchInputError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves less than one of the "
+                              f"cluster's {cpus:g} CPUs to read and write the data; lower them")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     read = ray.data.read_parquet if file_format == "parquet" else ray.data.read_json
     dataset = read(files, filesystem=fs)
     cost_weight = PRESETS[args.preset] if args.cost_weight is None else args.cost_weight
     dataset = dataset.map_batches(
         Router,
-        fn_constructor_kwargs={"artifact_dir": str(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
+        fn_constructor_kwargs={"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
                                "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"},
         batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=args.actors),
         num_cpus=args.cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
@@ -269,18 +305,9 @@ def build_dataset(args: argparse.Namespace):
     return dataset
 
 
-def _user_error(error: BaseException) -> BatchInputError | None:
-    """The BatchInputError a Ray task raised, found through Ray's wrapping exceptions."""
-    while error is not None:
-        if isinstance(error, BatchInputError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve.batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", required=True, help="the router artifact folder (python -m training fit --out)")
+    parser.add_argument("--artifact", required=True, help="the router artifact folder (python -m training fit --out), on every node")
     parser.add_argument("--input", required=True, help="a .parquet or .jsonl file, or a folder of them (local path or URI)")
     parser.add_argument("--output", required=True, help="the output folder (created; must be empty)")
     parser.add_argument("--prompt-column", default="prompt")
@@ -297,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     answers = parser.add_argument_group("answers")
     answers.add_argument("--generate", action="store_true", help="also answer each prompt with its routed model")
     answers.add_argument("--endpoint", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
-    answers.add_argument("--api-key-env", help="environment variable holding the endpoint's API key")
+    answers.add_argument("--api-key-env", help="environment variable holding the endpoint's API key (read where the job's actors run)")
     answers.add_argument("--max-tokens", type=int, default=256)
     answers.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     answers.add_argument("--timeout", type=float, default=120, help="seconds per call")
@@ -321,12 +348,6 @@ def main(argv: list[str] | None = None) -> int:
             dataset.write_json(args.output)
     except (BatchInputError, ArtifactError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:
-        cause = _user_error(error)
-        if cause is None:
-            raise
-        print(f"error: {args.input}: {cause}", file=sys.stderr)
         return 2
     print(f"routed {args.input} -> {args.output} in {time.perf_counter() - started:.1f}s")
     return 0

