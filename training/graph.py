@@ -17,21 +17,24 @@ import numpy as np
 INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
 EXACT_BELOW_ROWS = 100_000
 
-# IVF-Flat: about 2 * sqrt(N) lists, k-means on a seeded sample of 40 rows per list (all rows cost minutes
-# at 1e6); 32 probes give recall@10 0.96 at 1e6 on the benchmark's MiniLM-like data (0.84 with 16).
+# Approximate indexes, measured at 1e6 x 384 on 2 cores with the benchmark's MiniLM-like data
+# (benchmarks/bench_graph.py). HNSW: build ~600 CPU s, all queries ~340 CPU s at efSearch 32, recall@10 0.95.
+HNSW_LINKS_PER_NODE = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 32
+# IVF-Flat: 2 * sqrt(N) lists, k-means (10 iterations) on a seeded sample of 40 rows per list; recall@10
+# 0.96 at 32 probes but ~1250 CPU s of queries, as list scans are slower than HNSW's graph walk.
 IVF_LISTS_PER_SQRT_ROW = 2
 IVF_TRAINING_ROWS_PER_LIST = 40
 IVF_KMEANS_ITERATIONS = 10
 IVF_PROBES = 32
-# HNSW: faiss's usual settings for ~0.95 recall@10 on sentence embeddings.
-HNSW_LINKS_PER_NODE = 32
-HNSW_EF_CONSTRUCTION = 64
-HNSW_EF_SEARCH = 64
 
 # Ray path: faiss threads per query actor; fewer, wider actors hold fewer copies of the index.
 QUERY_ACTOR_CPUS = 4
 # Pairs of prompts scored per rank_biased_overlap call, bounding its temporary arrays.
 PERFORMANCE_SIMILARITY_CHUNK = 200_000
+# Tiny communities matched to their nearest large one per call of merge_small_communities' loop.
+MERGE_CHUNK = 4096
 
 
 def _gpu_available() -> bool:
@@ -39,12 +42,15 @@ def _gpu_available() -> bool:
 
 
 def resolve_index_kind(index: str, rows: int) -> str:
-    """"auto": exact below EXACT_BELOW_ROWS, else IVF-Flat (faster to build than HNSW at equal recall on 2 cores)."""
+    """"auto": exact below EXACT_BELOW_ROWS rows; above, HNSW on CPU (the fastest at recall@10 >= 0.9) and
+    IVF-Flat where faiss has a GPU (faiss has no GPU HNSW)."""
     if index not in INDEX_KINDS:
         raise ValueError(f"unknown index {index!r}: use one of {INDEX_KINDS}")
     if index != "auto":
         return index
-    return "exact" if rows < EXACT_BELOW_ROWS else "ivf"
+    if rows < EXACT_BELOW_ROWS:
+        return "exact"
+    return "ivf" if _gpu_available() else "hnsw"
 
 
 def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
@@ -161,9 +167,10 @@ def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = 
     """Each row's k nearest other rows by cosine: (ids [N, k] int64, similarities [N, k] float32).
 
     `embeddings` must be L2-normalised, so inner product = cosine. `index`: "exact" (IndexFlatIP), "ivf"
-    (IVF-Flat), "hnsw", or "auto" (exact below 100k rows, else IVF). The index is built once; queries run
-    in blocks of `block_size` rows, here or (`use_ray=True`) on a Ray Data actor pool with identical
-    results. `seed` fixes the IVF training sample; HNSW's multithreaded build is not bit-reproducible.
+    (IVF-Flat), "hnsw", or "auto" (see `resolve_index_kind`). The index is built once; queries run in
+    blocks of `block_size` rows, here or (`use_ray=True`) on a Ray Data actor pool, with identical results.
+    `seed` fixes IVF's training sample, so "exact" and "ivf" are reproducible; HNSW's multithreaded build is
+    not bit-for-bit (pass index="ivf" where that matters more than ~30% of kNN time).
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     rows = len(embeddings)
@@ -281,8 +288,9 @@ def merge_small_communities(labels: np.ndarray, embeddings: np.ndarray, min_size
     merged_into = np.arange(len(sizes))
     small = np.flatnonzero(sizes < min_size)
     small = small[~np.isin(small, targets)]
-    if len(small):
-        merged_into[small] = targets[np.argmax(centroids[small] @ centroids[targets].T, axis=1)]
+    for start in range(0, len(small), MERGE_CHUNK):  # bounds the [small, targets] similarity matrix
+        chunk = small[start:start + MERGE_CHUNK]
+        merged_into[chunk] = targets[np.argmax(centroids[chunk] @ centroids[targets].T, axis=1)]
     labels = merged_into[labels]
     sizes = np.bincount(labels, minlength=len(sizes))
     by_decreasing_size = np.lexsort((np.arange(len(sizes)), -sizes))

@@ -1,0 +1,140 @@
+"""Latency and throughput of `/v1/route`, against what a decision cannot avoid: encoding the prompt and one Serve hop.
+
+Deploys the app of `serve.config` (its args, with Serve's code defaults for the deployments) and a no-op FastAPI
+deployment beside it, then, on 127.0.0.1 only:
+- `/v1/route` at each concurrency: p50, p99 and throughput over a bounded number of requests;
+- the Router's own decision time (the `decision_ms` each response reports);
+- a bare sentence-transformers encode of the same prompts in this process, one at a time, with as many torch
+  threads as the Embedder replica gets (Ray gives a fractional-CPU actor one);
+- the no-op hop: the same HTTP request to a deployment that does nothing.
+The goal is p50 at concurrency 1 within 1.3x of (bare encode + no-op hop).
+
+    python benchmarks/bench_route.py --requests 200 --concurrency 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL = 1.3
+
+
+def _percentiles(milliseconds: list[float]) -> tuple[float, float]:
+    return float(np.percentile(milliseconds, 50)), float(np.percentile(milliseconds, 99))
+
+
+async def _load(url: str, bodies: list[dict], concurrency: int, requests: int) -> tuple[list[float], float, list[dict]]:
+    """Send `requests` POSTs from `concurrency` workers; (latencies ms, requests/s, response bodies)."""
+    latencies, answers, next_index = [], [], iter(range(requests))
+
+    async def worker(client: httpx.AsyncClient):
+        for index in next_index:
+            started = time.perf_counter()
+            response = await client.post(url, json=bodies[index % len(bodies)])
+            latencies.append((time.perf_counter() - started) * 1e3)
+            response.raise_for_status()
+            answers.append(response.json())
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, requests / elapsed, answers
+
+
+def _deploy(port: int) -> str:
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+
+    from serve.app import build_app
+
+    noop = FastAPI()
+
+    @serve.deployment(name="NoOp", ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(noop)
+    class NoOp:
+        @noop.post("/")
+        async def nothing(self, body: dict) -> dict:
+            return {}
+
+    args = yaml.safe_load((REPO / "serve.config").read_text())["applications"][0]["args"]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="finerouter", route_prefix="/")
+    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    return f"http://127.0.0.1:{port}"
+
+
+def _bare_encode_ms(texts: list[str], embedder: str, threads: int) -> list[float]:
+    import torch
+
+    from training.embed import encode, load_encoder
+
+    torch.set_num_threads(threads)
+    encoder = load_encoder(embedder, device="cpu")
+    encode(encoder, texts[:5], batch_size=1)  # warm-up
+    latencies = []
+    for text in texts:
+        started = time.perf_counter()
+        encode(encoder, [text], batch_size=1)
+        latencies.append((time.perf_counter() - started) * 1e3)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompts", type=int, default=200, help="test-split prompts to cycle through")
+    parser.add_argument("--encode-threads", type=int, default=1, help="torch threads of the bare encode (the Embedder's)")
+    parser.add_argument("--port", type=int, default=8011)
+    args = parser.parse_args()
+
+    from serve.artifact import RouterArtifact
+    from training.datasets import load_dataset
+
+    table = load_dataset("llmrouter_9model")
+    texts = [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[: args.prompts]]
+    embedder = RouterArtifact.load(REPO / "artifacts" / "llmrouter_9model").embedder
+    base = _deploy(args.port)
+    route_bodies = [{"prompt": text} for text in texts]
+
+    asyncio.run(_load(f"{base}/v1/route", route_bodies, 4, 40))  # warm-up: connections, batching, caches
+    rows = []
+    decision_ms: list[float] = []
+    for concurrency in args.concurrency:
+        latencies, throughput, answers = asyncio.run(_load(f"{base}/v1/route", route_bodies, concurrency, args.requests))
+        decision_ms += [answer["decision_ms"] for answer in answers]
+        rows.append((f"/v1/route", concurrency, *_percentiles(latencies), throughput))
+    hop, hop_throughput, _ = asyncio.run(_load(f"{base}/noop/", route_bodies, 1, args.requests))
+    rows.append(("no-op Serve hop", 1, *_percentiles(hop), hop_throughput))
+    encode_ms = _bare_encode_ms(texts, embedder, args.encode_threads)
+    rows.append((f"bare encode ({args.encode_threads} thread)", 1, *_percentiles(encode_ms), 1e3 / np.mean(encode_ms)))
+    rows.append(("decision inside the Router", "all", *_percentiles(decision_ms), float("nan")))
+
+    print(f"\n{os.cpu_count()} CPUs, {len(texts)} test-split prompts of llmrouter_9model, {args.requests} requests per level\n")
+    print("| what | concurrency | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|")
+    for name, concurrency, p50, p99, throughput in rows:
+        print(f"| {name} | {concurrency} | {p50:.1f} | {p99:.1f} | {throughput:.1f} |")
+    floor = _percentiles(encode_ms)[0] + _percentiles(hop)[0]
+    ratio = rows[0][2] / floor
+    print(f"\np50 at concurrency 1: {rows[0][2]:.1f} ms = {ratio:.2f}x (bare encode + no-op hop = {floor:.1f} ms); "
+          f"goal <= {GOAL}x: {'met' if ratio <= GOAL else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()

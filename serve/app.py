@@ -1,0 +1,46 @@
+"""The Serve application: `build_app(args)` wires ingress -> Embedder -> Router -> backend pool.
+
+    serve run serve.config                 # the YAML names serve.app:build_app and holds its args
+    serve.run(build_app({...}))            # the same from Python
+
+`args` is a `serve.config.RouterAppConfig` or its dict. The artifact is loaded here once to check it and to
+read the pool before anything deploys; a missing or broken one stops the build with a message saying what
+to do.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve.artifact import ArtifactError, RouterArtifact
+from serve.backends import build_backends
+from serve.config import RouterAppConfig
+from serve.deployments import Embedder, Router
+from serve.ingress import RouterIngress
+
+
+def load_artifact(config: RouterAppConfig) -> RouterArtifact:
+    path = config.artifact_path()
+    if not path.exists():
+        raise ArtifactError(
+            f"no router artifact at {path}: train one with "
+            f"`python -m training fit --dataset llmrouter_9model --out {config.artifact}` "
+            f"or point `artifact` in the app's args at an existing one")
+    return RouterArtifact.load(path)
+
+
+def build_app(args: RouterAppConfig | dict | None = None) -> Application:
+    config = args if isinstance(args, RouterAppConfig) else RouterAppConfig.model_validate(args or {})
+    artifact = load_artifact(config)
+    unknown = sorted(set(config.backends) - set(artifact.models))
+    if unknown:
+        raise ValueError(f"backends configured for {unknown}, which are not in the artifact's pool {artifact.models}")
+    engines, specs = build_backends(config, artifact.models)
+    return RouterIngress.bind(
+        Embedder.bind(artifact.embedder, config.embedder),
+        Router.bind(str(artifact.path)),
+        engines,
+        specs,
+        config.default_preset,
+        config.max_attempts,
+    )

