@@ -2,10 +2,11 @@
 
 Synthetic data shaped like sentence embeddings (see `clustered_embeddings`): Gaussian clusters of prompts
 in low-dimensional domain subspaces plus isotropic noise, L2-normalised (pure isotropic Gaussians in 384-d
-would make every neighbour search hopeless, well separated clusters would make it trivial); 0/1 scores of a model pool whose solve rates depend on the cluster. Each (size, index) runs in a fresh
-process so that its peak RSS is its own.
+would make every neighbour search hopeless, well separated clusters would make it trivial); 0/1 scores of
+a model pool whose solve rates depend on the cluster. Each (size, index) runs in a fresh process so that
+its peak RSS is its own. From the repository root:
 
-    python benchmarks/bench_graph.py --sizes 100000 1000000
+    python -m benchmarks.bench_graph --sizes 100000 1000000 [--indexes auto hnsw ivf]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import faiss
 import numpy as np
 
-from training.graph import resolve_index_kind, knn, leiden, task_graph
+from training.graph import knn, leiden, resolve_index_kind, task_graph
 
 DOMAINS = 20
 DOMAIN_RANK = 24  # dimension of each domain's subspace, near the local intrinsic dimension of MiniLM prompts
