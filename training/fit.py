@@ -19,7 +19,7 @@ from serve.artifact import RouterArtifact
 from serve.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
 from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
-from training.routers import Router, TrainingSet, validation_score
+from training.routers import Router, TrainingSet, inner_product_index, validation_score
 
 
 @dataclass
@@ -47,14 +47,10 @@ class _TableRouter(Router):
     """Stage 1 alone during selection: validation prompts take the task mix of their nearest fit prompts."""
 
     def __init__(self, embeddings, labels, task_quality, neighbours: int = 10):
-        self.embeddings, self.labels, self.task_quality, self.neighbours = embeddings, labels, task_quality, neighbours
+        self.index, self.labels, self.task_quality, self.neighbours = inner_product_index(embeddings), labels, task_quality, neighbours
 
     def predict_quality(self, embeddings, prompts=None):
-        import faiss
-
-        index = faiss.IndexFlatIP(self.embeddings.shape[1])
-        index.add(self.embeddings)
-        _, nearest = index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.neighbours)
+        _, nearest = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.neighbours)
         mix = np.stack([np.bincount(row, minlength=len(self.task_quality)) for row in self.labels[nearest]]) / self.neighbours
         return mix @ self.task_quality
 

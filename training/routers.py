@@ -73,7 +73,7 @@ def tune(build: Callable[[TrainingSet, int, object], Router], options, data: Tra
     return build(data, seed, best), best
 
 
-def _inner_product_index(vectors: np.ndarray) -> faiss.Index:
+def inner_product_index(vectors: np.ndarray) -> faiss.Index:
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
@@ -83,7 +83,7 @@ class KNNRouter(Router):
     """Mean scores of the k most similar training prompts."""
 
     def __init__(self, data: TrainingSet, k: int):
-        self.index, self.scores, self.k = _inner_product_index(data.embeddings), data.table.scores, k
+        self.index, self.scores, self.k = inner_product_index(data.embeddings), data.table.scores, k
 
     def predict_quality(self, embeddings, prompts=None):
         _, neighbours = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.k)
@@ -106,7 +106,7 @@ class ClusterRouter(Router):
         self.profiles = np.stack(
             [data.table.scores[assignment == c].mean(axis=0) if (assignment == c).any() else overall for c in range(clusters)]
         )
-        self.index = _inner_product_index(kmeans.centroids)
+        self.index = inner_product_index(kmeans.centroids)
 
     def predict_quality(self, embeddings, prompts=None):
         similarity, nearest = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.TOP)
