@@ -30,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from serve.artifact import ArtifactError, Decision, RouterArtifact
 from serve.decision import PRESETS
@@ -262,6 +264,33 @@ def _check_output(path: str) -> None:
         raise BatchInputError(f"--output {path}: not empty; remove it or choose another folder")
 
 
+class OrderedFileSink(Datasink[None]):
+    """Writes each write task's blocks, in arrival order, to one file named by the task's index
+    (part-000000.parquet, part-000001.parquet, ...), so the folder read in name order is the input order.
+
+    Ray's own Parquet writer hands a task's blocks to pyarrow's threaded `write_dataset`, which may
+    interleave them; routing output is joined back to its input by position, so order is part of the contract."""
+
+    def __init__(self, path: str, file_format: str):
+        self.path, self.file_format = path, file_format
+
+    def on_write_start(self, schema=None) -> None:
+        fs, root = _filesystem(self.path)
+        fs.create_dir(root, recursive=True)
+
+    def write(self, blocks, ctx) -> None:
+        tables = [table for table in (BlockAccessor.for_block(block).to_arrow() for block in blocks) if table.num_rows]
+        if not tables:
+            return
+        table = pa.concat_tables(tables, promote_options="permissive")
+        fs, root = _filesystem(self.path)
+        with fs.open_output_stream(f"{root}/part-{ctx.task_idx:06}.{self.file_format}") as stream:
+            if self.file_format == "parquet":
+                pq.write_table(table, stream)
+            else:
+                stream.write(table.to_pandas().to_json(orient="records", lines=True, force_ascii=False).encode())
+
+
 def build_dataset(args: argparse.Namespace):
     """The lazy Ray Data pipeline: read, route (and answer); raises BatchInputError before any work."""
     import ray
@@ -342,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         dataset = build_dataset(args)
-        if args.format == "parquet":
-            dataset.write_parquet(args.output)
-        else:
-            dataset.write_json(args.output)
+        dataset.write_datasink(OrderedFileSink(args.output, args.format))
     except (BatchInputError, ArtifactError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -211,8 +211,8 @@ def test_routes_a_jsonl_folder_within_the_candidates_and_the_cost_cap(tmp_path, 
     code, err = run_job(capsys, "--artifact", artifact_dir, "--input", folder, "--output", tmp_path / "out", "--format", "jsonl",
                         "--prompt-column", "question", "--candidates", "big", "small", "--max-cost", cap, "--cost-weight", 0.01)
     assert code == 0, err
-    routed = pd.concat([pd.read_json(path, lines=True) for path in sorted((tmp_path / "out").iterdir())]).sort_values("n")
-    assert routed["n"].tolist() == list(range(len(PROMPTS) + 1))
+    routed = pd.concat([pd.read_json(path, lines=True) for path in sorted((tmp_path / "out").iterdir())])
+    assert routed["n"].tolist() == list(range(len(PROMPTS) + 1))  # the folder's files in name order, each in row order
     answered, unanswerable = routed.iloc[:-1], routed.iloc[-1]
     assert unanswerable[list(batch.DECISION_COLUMNS)].isna().all()  # the row without a prompt kept, not routed
 
