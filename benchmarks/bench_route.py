@@ -119,7 +119,7 @@ def main() -> None:
     for concurrency in args.concurrency:
         latencies, throughput, answers = asyncio.run(_load(f"{base}/v1/route", route_bodies, concurrency, args.requests))
         decision_ms += [answer["decision_ms"] for answer in answers]
-        rows.append((f"/v1/route", concurrency, *_percentiles(latencies), throughput))
+        rows.append(("/v1/route", concurrency, *_percentiles(latencies), throughput))
     hop, hop_throughput, _ = asyncio.run(_load(f"{base}/noop/", route_bodies, 1, args.requests))
     rows.append(("no-op Serve hop", 1, *_percentiles(hop), hop_throughput))
     encode_ms = _bare_encode_ms(texts, embedder, args.encode_threads)

@@ -14,12 +14,12 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from training.datasets import load_dataset  # noqa: E402
-from training.embed import embed_texts  # noqa: E402
-from training.fit import FitConfig, fit_router  # noqa: E402
-from training.moe import NetworkConfig  # noqa: E402
-from training.protocols import folds  # noqa: E402
-from training.routers import TrainingSet  # noqa: E402
+from training.datasets import load_dataset
+from training.embed import embed_texts
+from training.fit import FitConfig, fit_router
+from training.moe import NetworkConfig
+from training.protocols import folds
+from training.routers import TrainingSet
 
 BASE = FitConfig(trainer="local")
 LEVERS = {

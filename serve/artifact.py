@@ -97,7 +97,7 @@ class RouterArtifact:
     def cost_model(self) -> CostModel:
         return CostModel(per_token=self.weights["cost_per_token"], fixed=self.weights["cost_fixed"])
 
-    def with_blend(self, blend: float) -> "RouterArtifact":
+    def with_blend(self, blend: float) -> RouterArtifact:
         """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
         weights = {**self.weights, "blend": np.full_like(self.weights["blend"], blend)}
         return RouterArtifact({**self.manifest, "blend_override": blend}, weights)
@@ -170,7 +170,7 @@ class RouterArtifact:
         return path
 
     @classmethod
-    def load(cls, path: Path | str) -> "RouterArtifact":
+    def load(cls, path: Path | str) -> RouterArtifact:
         """Load and verify: refuses a missing file, a checksum mismatch, another format version, or weights
         whose shapes disagree with the manifest's pool."""
         path = Path(path)

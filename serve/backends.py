@@ -21,10 +21,16 @@ import httpx
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.config import STAND_IN_NAME, LocalEngineConfig, OpenAIBackend, RouterAppConfig, VLLMBackend
+from serve.config import (
+    STAND_IN_NAME,
+    LocalEngineConfig,
+    OpenAIBackend,
+    RouterAppConfig,
+    VLLMBackend,
+)
 from serve.local_model import MODEL_NAME, prepare_local_model
-from training.settings import cache_dir
 from serve.protocol import APIError
+from training.settings import cache_dir
 
 LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})

@@ -9,9 +9,17 @@ LLM's `LLMConfig` does, because their deployments are named after the model and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeFloat, NonNegativeInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 
 from serve.decision import PRESETS
 
@@ -76,7 +84,7 @@ class VLLMBackend(_Strict):
     timeout_s: PositiveFloat = 60.0
 
 
-Backend = Annotated[Union[LocalBackend, OpenAIBackend, VLLMBackend], Field(discriminator="kind")]
+Backend = Annotated[LocalBackend | OpenAIBackend | VLLMBackend, Field(discriminator="kind")]
 
 
 class RouterAppConfig(_Strict):

@@ -27,7 +27,7 @@ class CostModel:
     fixed: np.ndarray  # [M]
 
     @classmethod
-    def fit(cls, prompt_tokens: np.ndarray, costs: np.ndarray) -> "CostModel":
+    def fit(cls, prompt_tokens: np.ndarray, costs: np.ndarray) -> CostModel:
         design = np.stack([prompt_tokens.astype(float), np.ones(len(prompt_tokens))], axis=1)
         coef, *_ = np.linalg.lstsq(design, costs, rcond=None)
         per_token = np.clip(coef[0], 0, None)

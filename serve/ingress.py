@@ -17,7 +17,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from serve.backends import BackendSpec, PoolBackend
-from serve.protocol import APIError, ChatCompletionRequest, ModelList, RouteRequest, RouteResponse
+from serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ModelList,
+    RouteRequest,
+    RouteResponse,
+)
 from serve.serving import RoutedChat
 
 logger = logging.getLogger("ray.serve")

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import synthetic_routing_set
+
 from serve import batch
 from serve.artifact import RouterArtifact
 from serve.decision import PRESETS

@@ -6,7 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from training.datasets import DatasetError, load_dataset, load_user_dataset, routerbench_question
+from training.datasets import (
+    DatasetError,
+    load_dataset,
+    load_user_dataset,
+    routerbench_question,
+)
 from training.protocols import folds
 
 

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from training import embed
-from training.embed import (DEFAULT_EMBEDDER, count_tokens, embed_texts, encode, load_encoder,
-                            resolve_model_path)
+from training.embed import (
+    DEFAULT_EMBEDDER,
+    count_tokens,
+    embed_texts,
+    encode,
+    load_encoder,
+    resolve_model_path,
+)
 
 SAMPLE_TEXTS = [
     f"{opening} {subject} in {words} words?"

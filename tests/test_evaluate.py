@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_routing_set
+
 from training.evaluate import evaluate, write_report
 from training.metrics import aiq
 from training.protocols import folds

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_routing_set
+
 from serve.artifact import ArtifactError, RouterArtifact
 from training.fit import FitConfig, fit_router, task_table
 from training.moe import NetworkConfig, train_networks

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.graph import (discover_tasks, knn, leiden, merge_small_communities, rank_biased_overlap,
-                            task_graph)
+from training.graph import (
+    discover_tasks,
+    knn,
+    leiden,
+    merge_small_communities,
+    rank_biased_overlap,
+    task_graph,
+)
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "fit":
             _fit(args, table, embeddings)
         elif args.command == "evaluate":
-            from training.evaluate import evaluate as run_evaluation, markdown_table, write_report
+            from training.evaluate import evaluate as run_evaluation
+            from training.evaluate import markdown_table, write_report
 
             report = run_evaluation(
                 table, embeddings, args.protocol, routers=args.routers, seeds=tuple(range(args.seeds)), bootstrap_samples=args.bootstrap

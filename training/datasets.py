@@ -13,10 +13,10 @@ import gzip
 import json
 import math
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class RoutingTable:
         """False where every model costs the same on every prompt: routing is then quality-only."""
         return bool(np.ptp(self.costs, axis=1).max() > 0) if len(self) else False
 
-    def subset(self, rows: np.ndarray) -> "RoutingTable":
+    def subset(self, rows: np.ndarray) -> RoutingTable:
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)

@@ -8,17 +8,23 @@ resamples prompts of the curves pooled over folds (every prompt is tested in exa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
 from training.datasets import RoutingTable
-from training.metrics import bootstrap_gain, cost_to_reach, curve_aiq, frontier, trace_curve
-from training.protocols import folds
 from training.fit import FINEROUTER_VARIANTS
+from training.metrics import (
+    bootstrap_gain,
+    cost_to_reach,
+    curve_aiq,
+    frontier,
+    trace_curve,
+)
+from training.protocols import folds
 from training.routers import BASELINE_ROUTERS, TrainingSet
 
 Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]

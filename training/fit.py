@@ -151,7 +151,7 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "models": data.table.models,
         "prices": {m: list(p) for m, p in data.table.prices.items()},
         "cost_scale": data.cost_scale,
-        "tasks": int(len(table)),
+        "tasks": len(table),
         "training_config": {**asdict(config), "network": asdict(network)},
         "training_rows": len(data.table),
     }
@@ -171,7 +171,7 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
 
 # Fitted artifacts per (training set, seed, variant), so that the ablations that only change the blend reuse
 # the evaluation's fit instead of training again.
-_fitted: "weakref.WeakKeyDictionary[TrainingSet, dict]" = weakref.WeakKeyDictionary()
+_fitted: weakref.WeakKeyDictionary[TrainingSet, dict] = weakref.WeakKeyDictionary()
 
 
 def _evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) -> RouterArtifact:

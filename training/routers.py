@@ -7,9 +7,9 @@ Every router only predicts each pool model's quality on each prompt; the shared 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -37,10 +37,10 @@ class TrainingSet:
         """Mean cost of the most expensive model: the unit of the dimensionless cost weight."""
         return float(self.table.costs.mean(axis=0).max()) or 1.0
 
-    def subset(self, rows: np.ndarray) -> "TrainingSet":
+    def subset(self, rows: np.ndarray) -> TrainingSet:
         return TrainingSet(self.table.subset(rows), self.embeddings[rows])
 
-    def validation_split(self, seed: int, fraction: float = 0.2) -> tuple["TrainingSet", "TrainingSet"]:
+    def validation_split(self, seed: int, fraction: float = 0.2) -> tuple[TrainingSet, TrainingSet]:
         """A seeded (fit, validation) split that keeps duplicate prompts on one side."""
         unique, group = np.unique(np.asarray(self.table.prompts, dtype=object), return_inverse=True)
         held = np.random.default_rng(seed).random(len(unique)) < fraction
