@@ -37,7 +37,7 @@ class Embedder:
         return list(zip(embeddings, tokens.tolist()))
 
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return encode(self.encoder, texts, batch_size=len(texts)), count_tokens(texts, self.name)
+        return encode(self.encoder, texts), count_tokens(texts, self.name)
 
 
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)

@@ -59,12 +59,20 @@ def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
     return _load_naming_the_model(name, lambda path: SentenceTransformer(path, device=device))
 
 
-def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int = 64,
+def forward_batch_size(encoder: SentenceTransformer) -> int:
+    """Prompts per forward pass. sentence-transformers sorts a call's prompts by length and pads each
+    mini-batch to its longest; on CPU that padding (and attention's square cost) outweighs what large
+    mini-batches save: 8 encodes about 1.3x the prompts/s of 32-64 on LLMRouter prompts, with 1 or 2 threads
+    (benchmarks/bench_encode.py). A GPU wants large ones."""
+    return 128 if encoder.device.type == "cuda" else 8
+
+
+def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int | None = None,
            show_progress: bool = False) -> np.ndarray:
     """Embed texts as float32 rows of unit L2 norm, so dot products are cosine similarities."""
     if len(texts) == 0:
         return np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
-    embeddings = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+    embeddings = encoder.encode(list(texts), batch_size=batch_size or forward_batch_size(encoder), convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=show_progress)
     return np.asarray(embeddings, dtype=np.float32)
 
@@ -123,12 +131,11 @@ def _save_atomically(path: Path, array: np.ndarray) -> None:
 class _EncoderActor:
     """Ray Data actor: loads the encoder once, then embeds each batch of {row, text}."""
 
-    def __init__(self, model: str, device: str, batch_size: int):
+    def __init__(self, model: str, device: str):
         self.encoder = load_encoder(model, device=device)
-        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        embeddings = encode(self.encoder, batch["text"].tolist(), self.batch_size)
+        embeddings = encode(self.encoder, batch["text"].tolist())
         return {"row": batch["row"], "embedding": embeddings}
 
 
@@ -159,8 +166,7 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
         blocks = [frame.iloc[start:start + block_rows] for start in range(0, len(frame), block_rows)]
         embedded = ray.data.from_pandas(blocks).map_batches(
             _EncoderActor,
-            fn_constructor_kwargs={"model": model, "device": "cuda" if num_gpus > 0 else "cpu",
-                                   "batch_size": batch_size},
+            fn_constructor_kwargs={"model": model, "device": "cuda" if num_gpus > 0 else "cpu"},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -178,12 +184,13 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
             ray.shutdown()
 
 
-def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_size: int = 64,
+def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_size: int = 256,
                 num_actors: int = 1, num_gpus: float = 0.0, cache_dir: Path | None = None,
                 use_ray: bool = True) -> np.ndarray:
     """Embed a training corpus once: the cached .npy if these texts were embedded before, else compute.
 
-    `use_ray=True` runs a Ray Data job on `num_actors` encoder actors (`num_gpus` each); `use_ray=False`
+    `use_ray=True` runs a Ray Data job on `num_actors` encoder actors (`num_gpus` each), `batch_size` prompts
+    per actor call (sorted by length there, then encoded `forward_batch_size` at a time); `use_ray=False`
     encodes in this process. Both return the same float32, L2-normalised rows in input order.
     The cache lives in `cache_dir`, by default `$FINEROUTER_CACHE/embeddings` (`<repo>/.cache/embeddings`).
     """
@@ -195,6 +202,6 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_si
     if use_ray and len(texts) > 0:
         embeddings = _embed_with_ray_data(texts, model, batch_size, num_actors, num_gpus)
     else:
-        embeddings = encode(load_encoder(model), texts, batch_size, show_progress=len(texts) > 10 * batch_size)
+        embeddings = encode(load_encoder(model), texts, show_progress=len(texts) > 10 * batch_size)
     _save_atomically(cache_path, embeddings)
     return embeddings
