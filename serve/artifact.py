@@ -24,7 +24,7 @@ import numpy as np
 from serve.decision import CostModel, rank_models
 from serve.features import FEATURE_NAMES, prompt_features
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHT_ARRAYS = (
     "feature_mean",  # [F] standardisation of the prompt features
     "feature_std",  # [F]
@@ -39,6 +39,8 @@ WEIGHT_ARRAYS = (
     "task_w",  # [T, H, M] task-specific heads (residual logits on each task's candidates)
     "task_b",  # [T, M]
     "candidates",  # [T, M] 1 where the model is one of the task's candidates
+    "calibration_scale",  # [M] per-model Platt scaling of the MoE logits (1 and 0: uncalibrated)
+    "calibration_shift",  # [M]
     "task_quality",  # [T, M] each model's mean quality on each task, shrunk toward the global mean
     "blend",  # [T] per-task weight of the MoE against the task table
     "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
@@ -111,14 +113,20 @@ class RouterArtifact:
         hidden = np.maximum(inputs @ w["classifier_w1"] + w["classifier_b1"], 0)
         return _softmax(hidden @ w["classifier_w2"] + w["classifier_b2"])
 
-    def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """([N, M] blended quality, [N, T] task probabilities)."""
+    def moe_logits(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] the mixture of experts' quality logits, before calibration, [N, T] task probabilities)."""
         w = self.weights
         inputs = self._inputs(embeddings, texts)
         tasks = self.task_probabilities(inputs)
         hidden = np.maximum(inputs @ w["trunk_w"] + w["trunk_b"], 0)
         task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
-        logits = hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None])
+        return hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None]), tasks
+
+    def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] blended quality, [N, T] task probabilities)."""
+        w = self.weights
+        logits, tasks = self.moe_logits(embeddings, texts)
+        logits = w["calibration_scale"] * logits + w["calibration_shift"]
         moe = 0.5 * (1 + np.tanh(logits / 2))  # the logistic function, without overflow
         blend = (tasks @ w["blend"])[:, None]
         return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
@@ -182,7 +190,8 @@ class RouterArtifact:
         except json.JSONDecodeError as error:
             raise ArtifactError(f"{manifest_path}: not valid JSON ({error.msg})") from None
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, this build reads {FORMAT_VERSION}")
+            raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, this build reads {FORMAT_VERSION}; "
+                                f"train it again with `python -m training fit`")
         for name, expected in manifest.get("checksums", {}).items():
             if not (path / name).is_file():
                 raise ArtifactError(f"{path / name}: missing (the artifact is incomplete)")

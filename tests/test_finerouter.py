@@ -1,6 +1,7 @@
 """FineRouter: Stage 2 trains, the artifact round-trips and refuses tampering, and it routes by the rule."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import synthetic_routing_set
 
 from serve.artifact import ArtifactError, RouterArtifact
 from training.fit import FitConfig, fit_router, task_table
-from training.moe import NetworkConfig, train_networks
+from training.moe import NetworkConfig, platt_scaling, train_networks
 
 SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
 
@@ -48,6 +49,27 @@ def test_fit_finds_the_planted_specialists(data, artifact):
     best = quality.argmax(axis=1)
     assert (best[kinds == 1] == 1).mean() > 0.8  # "mid" is the specialist of kind 1
     assert (best[kinds == 2] == 2).mean() > 0.8  # "small" of kind 2
+
+
+def test_platt_scaling_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=(20000, 2))
+    truth = 1 / (1 + np.exp(-(np.array([0.5, 2.0]) * logits + np.array([1.0, -0.5]))))
+    scale, shift = platt_scaling(logits, (rng.random(truth.shape) < truth).astype(np.float32))
+    np.testing.assert_allclose(scale, [0.5, 2.0], atol=0.1)
+    np.testing.assert_allclose(shift, [1.0, -0.5], atol=0.1)
+
+
+def test_calibrated_fit_stores_its_scaling_and_applies_it(data, artifact):
+    calibrated = fit_router(data, replace(SMALL, calibrate=True), log=lambda message: None)
+    assert not np.allclose(calibrated.weights["calibration_scale"], 1.0)
+    np.testing.assert_array_equal(artifact.weights["calibration_scale"], 1.0)  # off by default: identity
+    plain = calibrated.with_blend(1.0)
+    plain.weights["calibration_scale"], plain.weights["calibration_shift"] = np.ones(3, np.float32), np.zeros(3, np.float32)
+    logits, _ = calibrated.moe_logits(data.embeddings, data.table.prompts)
+    expected = 1 / (1 + np.exp(-(calibrated.weights["calibration_scale"] * logits + calibrated.weights["calibration_shift"])))
+    np.testing.assert_allclose(calibrated.with_blend(1.0).predict(data.embeddings, data.table.prompts)[0], expected, rtol=1e-5)
+    np.testing.assert_allclose(plain.predict(data.embeddings, data.table.prompts)[0], 1 / (1 + np.exp(-logits)), rtol=1e-5)
 
 
 def test_route_follows_the_decision_rule(data, artifact):

@@ -38,7 +38,8 @@ def _fit(args, table, embeddings) -> None:
     from training.routers import TrainingSet
 
     rows = folds(table, "standard")[0].train
-    config = FitConfig(embedder=args.embedder or DEFAULT_EMBEDDER, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer)
+    config = FitConfig(embedder=args.embedder or DEFAULT_EMBEDDER, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
+                       **({} if args.calibrate is None else {"calibrate": args.calibrate}))
     artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), config)
     artifact.save(args.out)
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models")
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     fit.add_argument("--use-gpu", action="store_true", help="Ray Train workers on GPUs")
     fit.add_argument("--trainer", choices=["ray", "local"], default="ray", help="Ray Train's TorchTrainer, or the same loop in-process")
+    fit.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                     help="Platt-scale each model's MoE quality on the validation slice (default: FitConfig's)")
 
     args = parser.parse_args(argv)
     from training.datasets import DatasetError

@@ -18,7 +18,13 @@ import numpy as np
 from serve.artifact import RouterArtifact
 from serve.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
-from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
+from training.moe import (
+    NetworkConfig,
+    export_weights,
+    platt_scaling,
+    train_networks,
+    train_with_ray,
+)
 from training.routers import Router, TrainingSet, inner_product_index, validation_score
 
 
@@ -35,6 +41,7 @@ class FitConfig:
     blends: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     per_task_blend: bool = False  # a blend weight per task where validation has enough of its prompts
     prompt_features: bool = True  # surface features beside the embedding (off: the networks see zeros)
+    calibrate: bool = False  # Platt-scale each model's MoE quality on the validation slice before the blend
     validation_fraction: float = 0.2
     network: NetworkConfig = field(default_factory=NetworkConfig)
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (the same loop in-process)
@@ -142,6 +149,8 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "feature_std": std,
         "task_quality": table.astype(np.float32),
         "blend": np.ones(len(table), np.float32),
+        "calibration_scale": np.ones(len(data.table.models), np.float32),
+        "calibration_shift": np.zeros(len(data.table.models), np.float32),
         "cost_per_token": cost_model.per_token,
         "cost_fixed": cost_model.fixed,
     }
@@ -156,6 +165,9 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "training_rows": len(data.table),
     }
     artifact = RouterArtifact(manifest, weights)
+    if config.calibrate:
+        logits, _ = artifact.moe_logits(validation.embeddings, validation.table.prompts)
+        weights["calibration_scale"], weights["calibration_shift"] = platt_scaling(logits, validation.table.scores)
     blend, blend_scores = _choose_blend(artifact, fit, validation, config)
     artifact.weights["blend"] = blend
     artifact.manifest["validation"] = {

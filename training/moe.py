@@ -221,6 +221,26 @@ def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, u
         return torch.load(Path(folder) / "networks.pt", weights_only=False)
 
 
+def platt_scaling(logits: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-model (scale, shift) that make sigmoid(scale * logit + shift) fit `scores` best (BCE): calibrates
+    each model's predicted quality on data the networks did not train on."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(scores, dtype=torch.float64)
+    scale = torch.ones(z.shape[1], dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([scale, shift], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(scale * z + shift, y)
+        loss.backward()
+        return loss
+
+    with single_threaded():
+        optimiser.step(closure)
+    return scale.detach().numpy().astype(np.float32), shift.detach().numpy().astype(np.float32)
+
+
 def export_weights(networks: dict) -> dict[str, np.ndarray]:
     """The artifact's arrays (serve.artifact.WEIGHT_ARRAYS) from the trained state dicts."""
     c, m = networks["classifier"], networks["moe"]
