@@ -32,6 +32,7 @@ LEVERS = {
     "semantic_graph": replace(BASE, mixes=(0.0,)),
     "performance_graph": replace(BASE, mixes=(0.5, 0.8)),
     "calibrated": replace(BASE, calibrate=True),
+    "decision_loss": replace(BASE, network=NetworkConfig(decision_weight=0.5)),
 }
 
 

@@ -5,11 +5,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import synthetic_routing_set
 
 from serve.artifact import ArtifactError, RouterArtifact
 from training.fit import FitConfig, fit_router, task_table
-from training.moe import NetworkConfig, platt_scaling, train_networks
+from training.moe import NetworkConfig, platt_scaling, quality_loss, train_networks
 
 SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
 
@@ -27,11 +28,22 @@ def artifact(data):
 def test_moe_loss_falls(data):
     labels = np.arange(len(data.table)) % 3
     networks = train_networks(
-        {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "tasks": labels, "candidates": np.ones((3, 3), np.float32)},
-        NetworkConfig(epochs=10, task_epochs=3),
+        {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "costs": data.table.costs / data.cost_scale,
+         "tasks": labels, "candidates": np.ones((3, 3), np.float32)},
+        NetworkConfig(epochs=10, task_epochs=3, pairwise_weight=0.5, decision_weight=0.5),
     )
     losses = networks["history"]["phase1_loss"]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_decision_loss_rewards_the_choice_the_rule_should_make():
+    # Both models solve the prompt; the second costs a tenth: at every cost weight above 0 it is the right choice.
+    scores, costs = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.1]])
+    only_decision = NetworkConfig(decision_weight=1.0)
+    right, wrong = torch.tensor([[2.0, 3.0]]), torch.tensor([[3.0, 2.0]])
+    bce = NetworkConfig()
+    decision_part = [quality_loss(z, scores, costs, only_decision) - quality_loss(z, scores, costs, bce) for z in (right, wrong)]
+    assert decision_part[0] < decision_part[1]
 
 
 def test_task_table_shrinks_small_tasks_toward_the_global_mean():
@@ -127,7 +139,8 @@ def test_incomplete_and_mismatched_artifacts_are_refused(tmp_path, artifact):
 def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
     from training.moe import train_with_ray
 
-    inputs = {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "tasks": np.arange(len(data.table)) % 2, "candidates": np.ones((2, 3), np.float32)}
+    inputs = {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "costs": data.table.costs / data.cost_scale,
+              "tasks": np.arange(len(data.table)) % 2, "candidates": np.ones((2, 3), np.float32)}
     config = NetworkConfig(epochs=2, task_epochs=1)
     remote = train_with_ray(inputs, config, num_workers=1)
     local = train_networks(inputs, config)

@@ -129,10 +129,12 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     network_data = {
         "inputs": inputs,
         "scores": fit.table.scores.astype(np.float32),
+        "costs": (fit.table.costs / data.cost_scale).astype(np.float32),
         "tasks": labels,
         "candidates": candidates,
         "validation_inputs": np.concatenate([validation.embeddings, validation_features], axis=1).astype(np.float32),
         "validation_scores": validation.table.scores.astype(np.float32),
+        "validation_costs": (validation.table.costs / data.cost_scale).astype(np.float32),
     }
     network = replace(config.network, seed=config.seed)
     if config.trainer == "ray":

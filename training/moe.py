@@ -29,6 +29,9 @@ class NetworkConfig:
     # Weight of the pairwise loss (a decision-targeted term: the better of two models must get the higher
     # logit on each prompt) beside the per-model BCE; 0 turns it off.
     pairwise_weight: float = 0.0
+    # Weight of the cost-aware decision loss (the model the decision rule should pick at several cost weights
+    # must get the highest predicted utility); 0 turns it off.
+    decision_weight: float = 0.0
     seed: int = 0
 
 
@@ -63,13 +66,29 @@ class MixtureOfExperts(nn.Module):
         return logits + torch.einsum("nt,ntm->nm", task_probabilities, task_logits * self.candidates)
 
 
-def quality_loss(logits: torch.Tensor, scores: torch.Tensor, pairwise_weight: float) -> torch.Tensor:
-    """BCE on soft scores (fits 0/1 and fractional scores alike), plus an optional pairwise ranking term."""
+# The cost weights (in units of the dearest model's mean cost, as in serve.decision) that the decision loss
+# targets: the presets' range. The temperature turns utility gaps of that size into confident choices.
+DECISION_COST_WEIGHTS = (0.0, 0.05, 0.2, 0.5)
+DECISION_TEMPERATURE = 0.05
+
+
+def quality_loss(logits: torch.Tensor, scores: torch.Tensor, costs: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
+    """BCE on soft scores (fits 0/1 and fractional scores alike), plus optional decision-targeted terms:
+    pairwise ranking of models by score, and a cost-aware term over the decision rule's choices.
+    `costs` are each prompt's model costs divided by the cost scale."""
     loss = nn.functional.binary_cross_entropy_with_logits(logits, scores)
-    if pairwise_weight:
+    if config.pairwise_weight:
         better = (scores[:, :, None] > scores[:, None, :]).float()
         margin = logits[:, :, None] - logits[:, None, :]
-        loss = loss + pairwise_weight * (nn.functional.softplus(-margin) * better).sum() / better.sum().clamp(min=1)
+        loss = loss + config.pairwise_weight * (nn.functional.softplus(-margin) * better).sum() / better.sum().clamp(min=1)
+    if config.decision_weight:
+        quality = torch.sigmoid(logits)
+        for cost_weight in DECISION_COST_WEIGHTS:
+            utility = scores - cost_weight * costs
+            best = (utility >= utility.max(dim=1, keepdim=True).values - 1e-6).float()  # ties share the target
+            log_choice = torch.log_softmax((quality - cost_weight * costs) / DECISION_TEMPERATURE, dim=1)
+            choice_loss = -(best / best.sum(dim=1, keepdim=True) * log_choice).sum(dim=1).mean()
+            loss = loss + config.decision_weight / len(DECISION_COST_WEIGHTS) * choice_loss
     return loss
 
 
@@ -100,8 +119,8 @@ def _restore(modules, states) -> None:
 
 @single_threaded()
 def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: model, shard=lambda n: np.arange(n)) -> dict:
-    """Fit the classifier and the MoE (two phases) on `data` = {inputs [N, D], scores [N, M], tasks [N],
-    candidates [T, M], and optionally validation_inputs / validation_scores}. With validation data each phase
+    """Fit the classifier and the MoE (two phases) on `data` = {inputs [N, D], scores [N, M], costs [N, M] (over
+    the cost scale), tasks [N], candidates [T, M], and optionally validation_inputs / _scores / _costs}. With validation data each phase
     keeps its epoch of lowest validation quality loss (early stopping). `prepare` and `shard` let Ray Train
     wrap the models for data-parallel workers; the defaults train in-process. Returns the models' state
     dicts and the loss history."""
@@ -110,11 +129,13 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
     rows = shard(len(data["inputs"]))
     x = torch.as_tensor(data["inputs"][rows], dtype=torch.float32)
     y = torch.as_tensor(data["scores"][rows], dtype=torch.float32)
+    c = torch.as_tensor(data["costs"][rows], dtype=torch.float32)
     t = torch.as_tensor(data["tasks"][rows], dtype=torch.long)
     has_validation = "validation_inputs" in data
     if has_validation:
         xv = torch.as_tensor(data["validation_inputs"], dtype=torch.float32)
         yv = torch.as_tensor(data["validation_scores"], dtype=torch.float32)
+        cv = torch.as_tensor(data["validation_costs"], dtype=torch.float32)
     candidates = torch.as_tensor(data["candidates"])
     classifier = prepare(TaskClassifier(x.shape[1], config.classifier_hidden, candidates.shape[0], config.dropout))
     moe = prepare(MixtureOfExperts(x.shape[1], config.hidden, y.shape[1], candidates, config.dropout))
@@ -126,7 +147,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         plain_classifier.eval()
         with torch.no_grad():
             gate = torch.softmax(plain_classifier(xv), dim=1) if with_tasks else None
-            return quality_loss(plain_moe(xv, gate), yv, config.pairwise_weight).item()
+            return quality_loss(plain_moe(xv, gate), yv, cv, config).item()
 
     shared = [*plain_moe.trunk.parameters(), *plain_moe.general.parameters(), *classifier.parameters()]
     optimiser = torch.optim.AdamW(shared, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -138,7 +159,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         quality_total = task_total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
             optimiser.zero_grad()
-            quality = quality_loss(moe(x[batch]), y[batch], config.pairwise_weight)
+            quality = quality_loss(moe(x[batch]), y[batch], c[batch], config)
             task = nn.functional.cross_entropy(classifier(x[batch]), t[batch])
             (quality + task).backward()
             optimiser.step()
@@ -164,7 +185,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
             optimiser.zero_grad()
-            loss = quality_loss(moe(x[batch], gate[batch]), y[batch], config.pairwise_weight)
+            loss = quality_loss(moe(x[batch], gate[batch]), y[batch], c[batch], config)
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
