@@ -40,22 +40,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="llmrouter_9model")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--levers", nargs="*", default=list(LEVERS))
+    parser.add_argument("--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS), help="default always runs, as the reference")
     args = parser.parse_args()
     table = load_dataset(args.dataset)
     embeddings = embed_texts(table.prompts)
     rows = folds(table, "standard")[0].train
     data = TrainingSet(table.subset(rows), embeddings[rows])
-    print(f"| lever ({args.dataset}, held-out slice of train) | held-out score, mean ± std over {args.seeds} seeds | blend chosen |")
-    print("|---|---|---|")
-    for name in args.levers:
+    print(f"| lever ({args.dataset}, held-out slice of train) | held-out score, mean ± std over {args.seeds} seeds "
+          f"| paired difference from default, mean ± std | blend chosen |")
+    print("|---|---|---|---|")
+    baseline = None
+    for name in ["default", *(lever for lever in args.levers if lever != "default")]:
         scores, blends = [], []
         for seed in range(args.seeds):
             development, held_out = data.validation_split(seed + 1000)
             artifact = fit_router(development, replace(LEVERS[name], seed=seed), log=lambda message: None)
             scores.append(validation_score(ArtifactRouter(artifact), development, held_out))
             blends.append(sorted(set(np.round(artifact.weights["blend"], 2).tolist())))
-        print(f"| {name} | {np.mean(scores):.4f} ± {np.std(scores):.4f} | {blends} |", flush=True)
+        scores = np.array(scores)
+        baseline = scores if baseline is None else baseline
+        difference = scores - baseline
+        print(f"| {name} | {scores.mean():.4f} ± {scores.std():.4f} | {difference.mean():+.4f} ± {difference.std():.4f} | {blends} |", flush=True)
 
 
 if __name__ == "__main__":
