@@ -33,6 +33,7 @@ LEVERS = {
     "performance_graph": replace(BASE, mixes=(0.5, 0.8)),
     "calibrated": replace(BASE, calibrate=True),
     "decision_loss": replace(BASE, network=NetworkConfig(decision_weight=0.5)),
+    "decision_loss_light": replace(BASE, network=NetworkConfig(decision_weight=0.1)),
 }
 
 
