@@ -1,4 +1,4 @@
-"""Encoder throughput by forward mini-batch size, the figure behind `training.embed.forward_batch_size`.
+"""Encoder throughput by forward mini-batch size, the figure behind `serve.encoder.forward_batch_size`.
 
 sentence-transformers sorts one call's prompts by length and pads each mini-batch to its longest, so the
 mini-batch size trades padding waste against per-call overhead. Encodes the same test-split prompts in calls
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from training.datasets import load_dataset
-from training.embed import DEFAULT_EMBEDDER, encode, load_encoder
+from serve.encoder import DEFAULT_EMBEDDER, encode, load_encoder
 
 
 def prompts_per_second(encoder, texts: list[str], call_size: int, batch_size: int) -> float:

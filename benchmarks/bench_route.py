@@ -82,7 +82,7 @@ def _deploy(port: int) -> str:
 def _bare_encode_ms(texts: list[str], embedder: str, threads: int) -> list[float]:
     import torch
 
-    from training.embed import encode, load_encoder
+    from serve.encoder import encode, load_encoder
 
     torch.set_num_threads(threads)
     encoder = load_encoder(embedder, device="cpu")

@@ -66,8 +66,8 @@ def _sha256(path: Path) -> str:
 
 
 @dataclass
-class Decision:
-    """Routing decisions for a batch of N prompts over a pool of M models."""
+class PoolRanking:
+    """The pool ranked for each of N prompts (M models): what `RouterArtifact.route` returns."""
 
     order: np.ndarray  # [N, M] model indices, best first
     eligible: np.ndarray  # [N, M] bool, aligned with order
@@ -140,11 +140,11 @@ class RouterArtifact:
         *,
         allowed: np.ndarray | None = None,
         cost_cap: float | None = None,
-    ) -> Decision:
+    ) -> PoolRanking:
         quality, tasks = self.predict(embeddings, texts)
         cost = self.cost_model.estimate(prompt_tokens)
         order, eligible = rank_models(quality, cost, cost_weight, self.cost_scale, allowed=allowed, cost_cap=cost_cap)
-        return Decision(order, eligible, quality, cost, tasks.argmax(axis=1), tasks.max(axis=1))
+        return PoolRanking(order, eligible, quality, cost, tasks.argmax(axis=1), tasks.max(axis=1))
 
     def save(self, path: Path | str) -> Path:
         """Write atomically: a complete artifact appears at `path`, or nothing changes there."""

@@ -30,7 +30,7 @@ from serve.config import (
 )
 from serve.local_model import MODEL_NAME, prepare_local_model
 from serve.protocol import APIError
-from training.settings import cache_dir
+from serve.settings import cache_dir
 
 LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from serve.artifact import ArtifactError, Decision, RouterArtifact
+from serve.artifact import ArtifactError, PoolRanking, RouterArtifact
 from serve.decision import PRESETS
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
@@ -138,7 +138,7 @@ def check_input(path: str, prompt_column: str, output_columns: tuple[str, ...]) 
     return fs, readable, file_format
 
 
-def decision_columns(decision: Decision, models: list[str]) -> dict[str, list]:
+def decision_columns(decision: PoolRanking, models: list[str]) -> dict[str, list]:
     """The decision as output columns; `ranked_models` lists the eligible models, best first."""
     rows = np.arange(len(decision.order))
     chosen = decision.order[:, 0]
@@ -171,14 +171,14 @@ class Router:
 
     def __init__(self, artifact_dir: str, prompt_column: str, cost_weight: float, allowed: np.ndarray | None,
                  cost_cap: float | None, device: str):
-        from training.embed import load_encoder
+        from serve.encoder import load_encoder
 
         self.artifact = RouterArtifact.load(artifact_dir)
         self.encoder = load_encoder(self.artifact.embedder, device=device)
         self.prompt_column, self.cost_weight, self.allowed, self.cost_cap = prompt_column, cost_weight, allowed, cost_cap
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from training.embed import count_tokens, encode
+        from serve.encoder import count_tokens, encode
 
         present = batch[self.prompt_column].notna().to_numpy()
         texts = batch[self.prompt_column][present].tolist()

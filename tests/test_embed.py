@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import embed
-from training.embed import (
+from serve.encoder import (
     DEFAULT_EMBEDDER,
     count_tokens,
-    embed_texts,
     encode,
     load_encoder,
     resolve_model_path,
 )
+from training import embed
+from training.embed import embed_texts
 
 SAMPLE_TEXTS = [
     f"{opening} {subject} in {words} words?"

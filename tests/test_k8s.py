@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from training.settings import REPO_ROOT, data_dir
+from serve.settings import REPO_ROOT, data_dir
 
 SCHEMAS = data_dir().parent / "schemas" / "kuberay"
 CRDS = {"RayService": "ray.io_rayservices.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}

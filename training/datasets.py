@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.settings import data_dir
+from serve.settings import data_dir
 
 # Output length assumed where a dataset records none (llmrouter_9model, routerdc_7model), in tokens.
 DEFAULT_OUTPUT_TOKENS = 256
@@ -130,7 +130,7 @@ def _priced_costs(prompt_tokens: np.ndarray, output_tokens: np.ndarray, prices: 
 
 
 def _count_tokens(prompts: list[str]) -> np.ndarray:
-    from training.embed import count_tokens
+    from serve.encoder import count_tokens
 
     return np.asarray(count_tokens(prompts), dtype=np.int64)
 

