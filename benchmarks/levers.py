@@ -1,6 +1,6 @@
 """Measure FineRouter's levers on validation, never on test: for each seed, hold out a slice of the training
-split, fit on the rest (which `fit_router` splits again for its own choices: graph, early stopping, blend,
-calibration) and score the held-out slice (AIQ; routed quality where costs are flat). The slice that scores a
+split, fit on the rest (which `fit_router` splits again for its own choices: graph, early stopping, blend)
+and score the held-out slice (AIQ; routed quality where costs are flat). The slice that scores a
 lever never chose anything, so levers that tune on validation are not flattered.
 
     python benchmarks/levers.py --dataset llmrouter_9model --seeds 3
@@ -18,22 +18,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from training.datasets import load_dataset
 from training.embed import embed_texts
-from training.fit import ArtifactRouter, FitConfig, fit_router
+from training.fit import FitConfig, fit_router
 from training.moe import NetworkConfig
-from training.protocols import folds
-from training.routers import TrainingSet, validation_score
+from training.protocols import training_rows
+from training.routers.base import ArtifactRouter, TrainingSet, validation_score
 
 BASE = FitConfig(trainer="local")
 LEVERS = {
     "default": BASE,
     "no_prompt_features": replace(BASE, prompt_features=False),
-    "pairwise_loss": replace(BASE, network=NetworkConfig(pairwise_weight=0.5)),
-    "per_task_blend": replace(BASE, per_task_blend=True),
+    "no_early_stopping": replace(BASE, network=NetworkConfig(early_stopping=False)),
     "semantic_graph": replace(BASE, mixes=(0.0,)),
     "performance_graph": replace(BASE, mixes=(0.5, 0.8)),
-    "calibrated": replace(BASE, calibrate=True),
-    "decision_loss": replace(BASE, network=NetworkConfig(decision_weight=0.5)),
-    "decision_loss_light": replace(BASE, network=NetworkConfig(decision_weight=0.1)),
 }
 
 
@@ -45,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     table = load_dataset(args.dataset)
     embeddings = embed_texts(table.prompts)
-    rows = folds(table, "standard")[0].train
+    rows = training_rows(table)
     data = TrainingSet(table.subset(rows), embeddings[rows])
     print(f"| lever ({args.dataset}, held-out slice of train) | held-out score, mean ± std over {args.seeds} seeds "
           f"| paired difference from default, mean ± std | blend chosen |")
@@ -57,7 +53,7 @@ def main() -> None:
             development, held_out = data.validation_split(seed + 1000)
             artifact = fit_router(development, replace(LEVERS[name], seed=seed), log=lambda message: None)
             scores.append(validation_score(ArtifactRouter(artifact), development, held_out))
-            blends.append(sorted(set(np.round(artifact.weights["blend"], 2).tolist())))
+            blends.append(round(float(artifact.weights["blend"]), 2))
         scores = np.array(scores)
         baseline = scores if baseline is None else baseline
         difference = scores - baseline

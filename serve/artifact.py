@@ -3,7 +3,7 @@
     ARTIFACT_DIR/manifest.json   format version, embedder, pool (models, prices), cost model scale, training
                                  config, validation metrics, and the sha256 of every other file
     ARTIFACT_DIR/weights.npz     the task classifier, the mixture of experts, the task quality table, the
-                                 blend weights and the cost model, as plain arrays
+                                 blend weight and the cost model, as plain arrays
 
 Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
 deployment load this one type and call `route`, which ends in the shared decision rule.
@@ -24,7 +24,8 @@ import numpy as np
 from serve.decision import CostModel, rank_models
 from serve.features import FEATURE_NAMES, prompt_features
 
-FORMAT_VERSION = 2
+# 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.features).
+FORMAT_VERSION = 3
 WEIGHT_ARRAYS = (
     "feature_mean",  # [F] standardisation of the prompt features
     "feature_std",  # [F]
@@ -39,10 +40,8 @@ WEIGHT_ARRAYS = (
     "task_w",  # [T, H, M] task-specific heads (residual logits on each task's candidates)
     "task_b",  # [T, M]
     "candidates",  # [T, M] 1 where the model is one of the task's candidates
-    "calibration_scale",  # [M] per-model Platt scaling of the MoE logits (1 and 0: uncalibrated)
-    "calibration_shift",  # [M]
     "task_quality",  # [T, M] each model's mean quality on each task, shrunk toward the global mean
-    "blend",  # [T] per-task weight of the MoE against the task table
+    "blend",  # [] weight of the MoE against the task table
     "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
     "cost_fixed",  # [M]
 )
@@ -55,6 +54,13 @@ class ArtifactError(ValueError):
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def network_inputs(embeddings: np.ndarray, texts: list[str], feature_mean: np.ndarray, feature_std: np.ndarray) -> np.ndarray:
+    """[N, D+F] what the networks read: the embedding beside the standardised prompt features. Training builds
+    its network inputs with this function too, so the two cannot drift apart."""
+    features = (prompt_features(texts) - feature_mean) / feature_std
+    return np.concatenate([np.asarray(embeddings, np.float32), features.astype(np.float32)], axis=1)
 
 
 def _sha256(path: Path) -> str:
@@ -101,12 +107,10 @@ class RouterArtifact:
 
     def with_blend(self, blend: float) -> RouterArtifact:
         """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
-        weights = {**self.weights, "blend": np.full_like(self.weights["blend"], blend)}
-        return RouterArtifact({**self.manifest, "blend_override": blend}, weights)
+        return RouterArtifact(self.manifest, {**self.weights, "blend": np.float32(blend)})
 
-    def _inputs(self, embeddings: np.ndarray, texts: list[str]) -> np.ndarray:
-        features = (prompt_features(texts) - self.weights["feature_mean"]) / self.weights["feature_std"]
-        return np.concatenate([np.asarray(embeddings, np.float32), features.astype(np.float32)], axis=1)
+    def inputs(self, embeddings: np.ndarray, texts: list[str]) -> np.ndarray:
+        return network_inputs(embeddings, texts, self.weights["feature_mean"], self.weights["feature_std"])
 
     def task_probabilities(self, inputs: np.ndarray) -> np.ndarray:
         w = self.weights
@@ -114,9 +118,9 @@ class RouterArtifact:
         return _softmax(hidden @ w["classifier_w2"] + w["classifier_b2"])
 
     def moe_logits(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """([N, M] the mixture of experts' quality logits, before calibration, [N, T] task probabilities)."""
+        """([N, M] the mixture of experts' quality logits, [N, T] task probabilities)."""
         w = self.weights
-        inputs = self._inputs(embeddings, texts)
+        inputs = self.inputs(embeddings, texts)
         tasks = self.task_probabilities(inputs)
         hidden = np.maximum(inputs @ w["trunk_w"] + w["trunk_b"], 0)
         task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
@@ -126,9 +130,8 @@ class RouterArtifact:
         """([N, M] blended quality, [N, T] task probabilities)."""
         w = self.weights
         logits, tasks = self.moe_logits(embeddings, texts)
-        logits = w["calibration_scale"] * logits + w["calibration_shift"]
         moe = 0.5 * (1 + np.tanh(logits / 2))  # the logistic function, without overflow
-        blend = (tasks @ w["blend"])[:, None]
+        blend = float(w["blend"])
         return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
 
     def route(

@@ -35,7 +35,7 @@ def synthetic_routing_set(rows: int = 400, clusters: int = 4, seed: int = 0):
     import numpy as np
 
     from training.datasets import RoutingTable
-    from training.routers import TrainingSet
+    from training.routers.base import TrainingSet
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, 384))

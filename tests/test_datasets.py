@@ -47,11 +47,20 @@ def test_routerbench_question_is_the_final_block():
     assert routerbench_question(field) == "Q2?\nA) y\nAnswer:"
 
 
-def test_routerdc_has_ood_rows_and_no_costs(shared_data):
+def test_routerdc_is_scored_as_routerdc_scores_it(shared_data):
     table = load_dataset("routerdc_7model", shared_data)
     assert len(table.models) == 7 and not table.has_costs
     assert {"train", "test", "ood"} == set(table.splits)
-    assert set(table.benchmarks[table.splits == "ood"]) == {"MATH_prealgebra", "ceval", "mbpp", "javascript"}
+    assert set(table.benchmarks[table.splits == "ood"]) == {"MATH_prealgebra", "ceval", "mbpp"}
+    assert set(np.unique(table.scores[table.benchmarks == "mmlu"])) == {0.0, 1.0}  # correct or not
+    assert len(np.unique(table.scores[table.benchmarks == "gsm8k"])) > 2  # the fraction of samples correct
+
+    def best_single(split):  # RouterDC's figure: accuracy averaged over benchmarks
+        rows = table.splits == split
+        return np.mean([table.scores[rows & (table.benchmarks == b)].mean(axis=0) for b in set(table.benchmarks[rows])], axis=0).max()
+
+    assert best_single("test") == pytest.approx(0.5456, abs=1e-4)
+    assert best_single("ood") == pytest.approx(0.4395, abs=1e-4)
 
 
 def test_alpacaeval_excludes_the_judge_attacks(shared_data):

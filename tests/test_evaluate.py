@@ -9,7 +9,7 @@ from conftest import synthetic_routing_set
 
 from training.evaluate import evaluate, write_report
 from training.metrics import aiq
-from training.protocols import folds
+from training.protocols import folds, training_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_standard_uses_the_dataset_split(table_and_embeddings):
 
 def test_report_figures_and_files(tmp_path, table_and_embeddings):
     table, embeddings = table_and_embeddings
-    routers = ["random", "cheapest", "best_single", "zero_router", "oracle", "knn", "cluster"]
+    routers = ["random", "cheapest", "best_single", "zero_router", "oracle", "prior", "knn", "cluster"]
     report = evaluate(table, embeddings, "standard", routers=routers, seeds=(0, 1), bootstrap_samples=50, progress=False)
     entries = report["routers"]
     test = table.subset(table.splits == "test")
@@ -56,11 +56,16 @@ def test_report_figures_and_files(tmp_path, table_and_embeddings):
     assert entries["zero_router"]["aiq"] == pytest.approx(aiq(single_cost, single_quality, single_cost.min(), single_cost.max()))
     assert entries["best_single"]["best_quality"] == pytest.approx(single_quality.max())
     assert entries["oracle"]["best_quality"] == pytest.approx(test.scores.max(axis=1).mean())
+    # the zero router reaches its own best model's quality at exactly that model's cost (no float-sum miss)
+    assert entries["zero_router"]["cost_to_reach_best_single"] == pytest.approx(1.0)
+    # the prior ignores the prompt: at cost weight 0 it sends every prompt to the best model on training data
+    train = table.subset(table.splits == "train")
+    assert report["curves"]["prior"]["quality"][0] == pytest.approx(test.scores[:, train.scores.mean(axis=0).argmax()].mean())
     for name in routers:
         assert entries[name]["aiq"] <= entries["oracle"]["aiq"] + 1e-9
     # the planted specialists are learnable: a kNN router beats every fixed model
     assert entries["knn"]["aiq"] > entries["zero_router"]["aiq"]
-    assert len(entries["knn"]["seeds"]) == 2 and "gain_vs_zero_router" in entries["knn"]
+    assert len(entries["knn"]["seeds"]) == 2 and {"gain_vs_zero_router", "gain_vs_prior"} <= set(entries["knn"])
     assert set(entries["knn"]["per_benchmark"]) == set(table.benchmarks)
     write_report(report, tmp_path)
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -75,3 +80,13 @@ def test_cv_reports_each_fold(table_and_embeddings):
     knn = report["routers"]["knn"]
     assert len(knn["per_fold"]) == 5
     assert knn["aiq"] == pytest.approx(np.mean([f["aiq"] for f in knn["per_fold"].values()]))
+
+
+def test_a_production_fit_trains_on_every_training_row(table_and_embeddings):
+    table, _ = table_and_embeddings
+    np.testing.assert_array_equal(training_rows(table), np.flatnonzero(table.splits == "train"))
+    unsplit = replace(table, splits=np.full(len(table), "train", dtype=object))
+    assert len(training_rows(unsplit)) == len(table)
+    held = np.setdiff1d(np.arange(len(table)), training_rows(unsplit, holdout=0.3, seed=1))
+    assert 0.2 * len(table) < len(held) < 0.4 * len(table)
+    assert (1 in held) == (2 in held)  # duplicates stay together

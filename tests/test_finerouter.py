@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import synthetic_routing_set
 
-from serve.artifact import ArtifactError, RouterArtifact
+from serve.artifact import ArtifactError, RouterArtifact, network_inputs
 from training.fit import FitConfig, fit_router, task_table
-from training.moe import NetworkConfig, platt_scaling, quality_loss, train_networks
+from training.moe import MixtureOfExperts, NetworkConfig, TaskClassifier, export_weights, train_networks
 
 SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
 
@@ -28,22 +28,61 @@ def artifact(data):
 def test_moe_loss_falls(data):
     labels = np.arange(len(data.table)) % 3
     networks = train_networks(
-        {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "costs": data.table.costs / data.cost_scale,
-         "tasks": labels, "candidates": np.ones((3, 3), np.float32)},
-        NetworkConfig(epochs=10, task_epochs=3, pairwise_weight=0.5, decision_weight=0.5),
+        {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "tasks": labels, "candidates": np.ones((3, 3), np.float32)},
+        NetworkConfig(epochs=10, task_epochs=3),
     )
     losses = networks["history"]["phase1_loss"]
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_decision_loss_rewards_the_choice_the_rule_should_make():
-    # Both models solve the prompt; the second costs a tenth: at every cost weight above 0 it is the right choice.
-    scores, costs = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 0.1]])
-    only_decision = NetworkConfig(decision_weight=1.0)
-    right, wrong = torch.tensor([[2.0, 3.0]]), torch.tensor([[3.0, 2.0]])
-    bce = NetworkConfig()
-    decision_part = [quality_loss(z, scores, costs, only_decision) - quality_loss(z, scores, costs, bce) for z in (right, wrong)]
-    assert decision_part[0] < decision_part[1]
+def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(data):
+    fit, validation = data.validation_split(0)
+    network_data = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
+                    "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
+                    "validation_scores": validation.table.scores.astype(np.float32)}
+    config = NetworkConfig(epochs=12, task_epochs=0, learning_rate=0.05)  # a rate that overfits within a few epochs
+    stopped, ran_on = train_networks(network_data, config), train_networks(network_data, replace(config, early_stopping=False))
+    history = stopped["history"]["phase1_validation"]
+    assert np.argmin(history) < len(history) - 1  # the loss rose again: there is something to stop
+
+    def validation_loss(networks):
+        moe = MixtureOfExperts(384, config.hidden, 3, torch.ones(2, 3), config.dropout)
+        moe.load_state_dict(networks["moe"])
+        moe.eval()
+        with torch.no_grad():
+            logits = moe(torch.as_tensor(validation.embeddings))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(validation.table.scores, dtype=torch.float32)).item()
+
+    assert validation_loss(stopped) == pytest.approx(min(history), rel=1e-5)
+    assert validation_loss(ran_on) == pytest.approx(ran_on["history"]["phase1_validation"][-1], rel=1e-5)
+
+
+def test_the_artifacts_numpy_inference_matches_the_trained_torch_networks(data, artifact):
+    """Train/serve skew guard: the artifact's inputs and NumPy forward pass reproduce the torch networks."""
+    weights = artifact.weights
+    inputs = network_inputs(data.embeddings, data.table.prompts, weights["feature_mean"], weights["feature_std"])
+    tasks, hidden = weights["classifier_w2"].shape[1], weights["trunk_w"].shape[1]
+    classifier = TaskClassifier(inputs.shape[1], weights["classifier_w1"].shape[1], tasks, 0.0)
+    moe = MixtureOfExperts(inputs.shape[1], hidden, 3, torch.as_tensor(weights["candidates"]), 0.0)
+    # Load the exported arrays back into torch modules and check the export is their exact inverse.
+    classifier.load_state_dict({"layers.0.weight": torch.as_tensor(weights["classifier_w1"].T), "layers.0.bias": torch.as_tensor(weights["classifier_b1"]),
+                                "layers.3.weight": torch.as_tensor(weights["classifier_w2"].T), "layers.3.bias": torch.as_tensor(weights["classifier_b2"])})
+    moe.load_state_dict({"trunk.0.weight": torch.as_tensor(weights["trunk_w"].T), "trunk.0.bias": torch.as_tensor(weights["trunk_b"]),
+                         "general.weight": torch.as_tensor(weights["general_w"].T), "general.bias": torch.as_tensor(weights["general_b"]),
+                         "task_w": torch.as_tensor(weights["task_w"]), "task_b": torch.as_tensor(weights["task_b"]),
+                         "candidates": torch.as_tensor(weights["candidates"])})
+    exported = export_weights({"classifier": classifier.state_dict(), "moe": moe.state_dict()})
+    for name, array in exported.items():
+        np.testing.assert_array_equal(array, weights[name])
+    classifier.eval()
+    moe.eval()
+    with torch.no_grad():
+        x = torch.as_tensor(inputs)
+        gate = torch.softmax(classifier(x), dim=1)
+        torch_logits = moe(x, gate).numpy()
+    numpy_logits, numpy_tasks = artifact.moe_logits(data.embeddings, data.table.prompts)
+    np.testing.assert_allclose(numpy_tasks, gate.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(numpy_logits, torch_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_task_table_shrinks_small_tasks_toward_the_global_mean():
@@ -61,27 +100,6 @@ def test_fit_finds_the_planted_specialists(data, artifact):
     best = quality.argmax(axis=1)
     assert (best[kinds == 1] == 1).mean() > 0.8  # "mid" is the specialist of kind 1
     assert (best[kinds == 2] == 2).mean() > 0.8  # "small" of kind 2
-
-
-def test_platt_scaling_recovers_a_known_miscalibration():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(0, 2, size=(20000, 2))
-    truth = 1 / (1 + np.exp(-(np.array([0.5, 2.0]) * logits + np.array([1.0, -0.5]))))
-    scale, shift = platt_scaling(logits, (rng.random(truth.shape) < truth).astype(np.float32))
-    np.testing.assert_allclose(scale, [0.5, 2.0], atol=0.1)
-    np.testing.assert_allclose(shift, [1.0, -0.5], atol=0.1)
-
-
-def test_calibrated_fit_stores_its_scaling_and_applies_it(data, artifact):
-    calibrated = fit_router(data, replace(SMALL, calibrate=True), log=lambda message: None)
-    assert not np.allclose(calibrated.weights["calibration_scale"], 1.0)
-    np.testing.assert_array_equal(artifact.weights["calibration_scale"], 1.0)  # off by default: identity
-    plain = calibrated.with_blend(1.0)
-    plain.weights["calibration_scale"], plain.weights["calibration_shift"] = np.ones(3, np.float32), np.zeros(3, np.float32)
-    logits, _ = calibrated.moe_logits(data.embeddings, data.table.prompts)
-    expected = 1 / (1 + np.exp(-(calibrated.weights["calibration_scale"] * logits + calibrated.weights["calibration_shift"])))
-    np.testing.assert_allclose(calibrated.with_blend(1.0).predict(data.embeddings, data.table.prompts)[0], expected, rtol=1e-5)
-    np.testing.assert_allclose(plain.predict(data.embeddings, data.table.prompts)[0], 1 / (1 + np.exp(-logits)), rtol=1e-5)
 
 
 def test_route_follows_the_decision_rule(data, artifact):
@@ -139,7 +157,7 @@ def test_incomplete_and_mismatched_artifacts_are_refused(tmp_path, artifact):
 def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
     from training.moe import train_with_ray
 
-    inputs = {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32), "costs": data.table.costs / data.cost_scale,
+    inputs = {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32),
               "tasks": np.arange(len(data.table)) % 2, "candidates": np.ones((2, 3), np.float32)}
     config = NetworkConfig(epochs=2, task_epochs=1)
     remote = train_with_ray(inputs, config, num_workers=1)

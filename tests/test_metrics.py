@@ -64,3 +64,8 @@ def test_bootstrap_gain_detects_a_uniformly_better_router():
     worse = rng.random((4, 200)) * 0.5
     gain = bootstrap_gain((costs, worse + 0.3), (costs, worse), costs[[0, -1]], samples=100)
     assert gain["low"] > 0.2
+
+
+def test_cost_to_reach_tolerates_float_sums_of_the_same_quality():
+    quality = 1 - 0.9  # 0.09999999999999998: the same quality as 0.1, summed in another order
+    assert cost_to_reach([1.0, 2.0], [0.05, quality], 0.1) == pytest.approx(2.0)

@@ -10,39 +10,42 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from serve.encoder import DEFAULT_EMBEDDER  # noqa: E402
+from training.evaluate import SEEDS  # noqa: E402
+from training.protocols import PROTOCOLS  # noqa: E402
+
 
 def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="a built-in dataset name or a .jsonl/.parquet file")
     parser.add_argument("--data-dir", type=Path, help="the routing datasets' folder (default: $FINEROUTER_DATA_DIR or ../shared/data)")
-    parser.add_argument("--embedder", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2, bundled offline)")
+    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"sentence-transformers model (default {DEFAULT_EMBEDDER}, bundled offline)")
     parser.add_argument("--embed-actors", type=int, default=1, help="Ray Data encoder actors")
     parser.add_argument("--embed-gpus", type=float, default=0.0, help="GPUs per encoder actor")
 
 
 def _load(args):
     from training.datasets import load_dataset
-    from training.embed import DEFAULT_EMBEDDER, embed_texts
+    from training.embed import embed_texts
 
-    table = load_dataset(args.dataset, args.data_dir)
-    embeddings = embed_texts(table.prompts, args.embedder or DEFAULT_EMBEDDER, num_actors=args.embed_actors, num_gpus=args.embed_gpus)
+    table = load_dataset(args.dataset, args.data_dir, embedder=args.embedder)
+    embeddings = embed_texts(table.prompts, args.embedder, num_actors=args.embed_actors, num_gpus=args.embed_gpus)
     return table, embeddings
 
 
 def _fit(args, table, embeddings) -> None:
-    """Train on the dataset's training rows (all rows of a dataset without a split), save the artifact."""
+    """Train on every training row (all rows but the dataset's own test and ood rows, less a seeded
+    `--holdout` fraction when asked), save the artifact."""
     import numpy as np
 
-    from training.embed import DEFAULT_EMBEDDER
     from training.fit import FitConfig, fit_router
-    from training.protocols import folds
-    from training.routers import TrainingSet
+    from training.protocols import training_rows
+    from training.routers.base import TrainingSet
 
-    rows = folds(table, "standard")[0].train
-    config = FitConfig(embedder=args.embedder or DEFAULT_EMBEDDER, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
-                       **({} if args.calibrate is None else {"calibrate": args.calibrate}))
+    rows = training_rows(table, args.holdout, args.seed)
+    config = FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer)
     artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), config)
     artifact.save(args.out)
-    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models")
+    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("evaluate", help="every router against the baselines, one protocol")
     _dataset_arguments(evaluate)
-    evaluate.add_argument("--protocol", default="standard", choices=["standard", "cv", "lobo", "ood"])
+    evaluate.add_argument("--protocol", default="standard", choices=PROTOCOLS)
     evaluate.add_argument("--routers", nargs="*", help="a subset of routers (default: all)")
-    evaluate.add_argument("--seeds", type=int, default=3, help="seeds per learned router")
+    evaluate.add_argument("--seeds", type=int, default=SEEDS, help="seeds per learned router")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AIQ gain intervals")
     evaluate.add_argument("--out", type=Path, required=True)
 
@@ -67,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     fit.add_argument("--use-gpu", action="store_true", help="Ray Train workers on GPUs")
     fit.add_argument("--trainer", choices=["ray", "local"], default="ray", help="Ray Train's TorchTrainer, or the same loop in-process")
-    fit.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
-                     help="Platt-scale each model's MoE quality on the validation slice (default: FitConfig's)")
+    fit.add_argument("--holdout", type=float, default=0.0,
+                     help="hold out this seeded fraction of the training rows (default 0: train on every one)")
 
     args = parser.parse_args(argv)
     from training.datasets import DatasetError

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.encoder import DEFAULT_EMBEDDER, count_tokens
 from serve.settings import data_dir
 
 # Output length assumed where a dataset records none (llmrouter_9model, routerdc_7model), in tokens.
@@ -129,12 +130,6 @@ def _priced_costs(prompt_tokens: np.ndarray, output_tokens: np.ndarray, prices: 
     return (prompt_tokens[:, None] * price_in[None, :] + output_tokens * price_out[None, :]) / 1e6
 
 
-def _count_tokens(prompts: list[str]) -> np.ndarray:
-    from serve.encoder import count_tokens
-
-    return np.asarray(count_tokens(prompts), dtype=np.int64)
-
-
 def drop_train_overlaps(table: RoutingTable) -> RoutingTable:
     """Remove train rows whose prompt text also occurs in a test or ood row, so no test prompt is trained on."""
     held_out = {p for p, s in zip(table.prompts, table.splits) if s != "train"}
@@ -142,10 +137,11 @@ def drop_train_overlaps(table: RoutingTable) -> RoutingTable:
     return table.subset(keep)
 
 
-def _build(name, models, ids, prompts, benchmarks, splits, scores, costs=None, prices=None, output_tokens=None):
-    """Assemble a table; where `costs` is None they are priced from measured prompt tokens."""
+def _build(name, models, ids, prompts, benchmarks, splits, scores, embedder, costs=None, prices=None, output_tokens=None):
+    """Assemble a table; prompt tokens are counted with the embedder's tokenizer, as serving counts them, and
+    where `costs` is None they are priced from those counts."""
     scores = np.asarray(scores, dtype=np.float64)
-    tokens = _count_tokens(prompts)
+    tokens = count_tokens(prompts, embedder)
     if costs is None:
         out = np.full(scores.shape, DEFAULT_OUTPUT_TOKENS, dtype=np.float64) if output_tokens is None else output_tokens
         costs = _priced_costs(tokens, out, [prices[m] for m in models])
@@ -164,7 +160,7 @@ def _build(name, models, ids, prompts, benchmarks, splits, scores, costs=None, p
     return drop_train_overlaps(table)
 
 
-def load_llmrouter(root: Path) -> RoutingTable:
+def load_llmrouter(root: Path, embedder: str) -> RoutingTable:
     """LLMRouter's DCRouter data: 14 tasks, 9 NIM models, list prices, no token counts (256 output tokens assumed)."""
     folder = root / "llmrouter_9model"
     path, prices_path = folder / "llmrouter_dcrouter_merged.jsonl.gz", folder / "raw" / "default_llm.json"
@@ -180,7 +176,7 @@ def load_llmrouter(root: Path) -> RoutingTable:
         )
     with _parsing(prices_path):
         prices = {m: (float(llms[m]["input_price"]), float(llms[m]["output_price"])) for m in models}
-    return _build("llmrouter_9model", models, **columns, prices=prices)
+    return _build("llmrouter_9model", models, **columns, embedder=embedder, prices=prices)
 
 
 def routerbench_question(prompt_field: str) -> str:
@@ -191,7 +187,7 @@ def routerbench_question(prompt_field: str) -> str:
     return text.strip().split("\n\n")[-1].strip()
 
 
-def load_routerbench(root: Path) -> RoutingTable:
+def load_routerbench(root: Path, embedder: str) -> RoutingTable:
     """RouterBench 0-shot subset (ARC-C, MBPP, Winogrande), 11 models, real USD cost per query."""
     path = root / "routerbench_partial" / "routerbench_partial_compact.csv.gz"
     rows = _read_csv(path)
@@ -206,24 +202,36 @@ def load_routerbench(root: Path) -> RoutingTable:
             scores=[[float(r[m]) for m in models] for r in rows],
             costs=[[float(r[f"{m}|total_cost"]) for m in models] for r in rows],
         )
-    return _build("routerbench_partial", models, **columns)
+    return _build("routerbench_partial", models, **columns, embedder=embedder)
 
 
 _ROUTERDC_FILE = re.compile(r"^(?P<bench>.+?)(?:[_-](?P<split>train|test))?\.json\.gz$")
 
 
-def load_routerdc(root: Path) -> RoutingTable:
-    """RouterDC's 7 same-size models: in-distribution train/test files plus test-only ood files; no costs, so
-    every model is priced alike (quality-only routing)."""
+# RouterDC's own benchmarks (its paper's in-distribution and out-of-distribution sets); the folder also holds
+# ARC-Easy and JavaScript, which its evaluation does not use.
+ROUTERDC_BENCHMARKS = {"mmlu", "gsm8k", "cmmlu", "arc_challenge", "humaneval", "MATH_prealgebra", "ceval", "mbpp"}
+# Multiple-choice sets score the probability of the right option when the top choice is right, else 0:
+# RouterDC counts a score > 0 as correct, and so does this loader.
+ROUTERDC_MULTIPLE_CHOICE = {"mmlu", "cmmlu", "arc_challenge", "ceval"}
+
+
+def load_routerdc(root: Path, embedder: str) -> RoutingTable:
+    """RouterDC's 7 same-size models: in-distribution train/test files plus test-only ood files, scored as
+    RouterDC scores them (multiple choice: correct or not; generative: the fraction of samples correct); no
+    costs, so every model is priced alike (quality-only routing)."""
     ids, prompts, benchmarks, splits, scores = [], [], [], [], []
     models: list[str] = []
     for path in sorted((root / "routerdc_7model" / "raw").glob("*.json.gz")):
         match = _ROUTERDC_FILE.match(path.name)
         bench, split = match["bench"], match["split"] or "ood"
+        if bench not in ROUTERDC_BENCHMARKS:
+            continue
         with _parsing(path):
             for i, row in enumerate(_read_json(path)):
                 models = models or list(row["scores"])
-                scores.append([float(row["scores"][m]) for m in models])
+                row_scores = [float(row["scores"][m]) for m in models]
+                scores.append([float(s > 0) for s in row_scores] if bench in ROUTERDC_MULTIPLE_CHOICE else row_scores)
                 prompts.append(row["question"])
                 ids.append(f"{bench}-{split}-{i}")
                 benchmarks.append(bench)
@@ -231,7 +239,7 @@ def load_routerdc(root: Path) -> RoutingTable:
     if not models:
         raise DatasetError(f"{root / 'routerdc_7model' / 'raw'}: no *.json.gz score files")
     prices = {m: (FLAT_PRICE_PER_MTOK, FLAT_PRICE_PER_MTOK) for m in models}
-    return _build("routerdc_7model", models, ids, prompts, benchmarks, splits, scores, prices=prices)
+    return _build("routerdc_7model", models, ids, prompts, benchmarks, splits, scores, embedder, prices=prices)
 
 
 # AlpacaEval has no costs. Historical list prices (USD per 1M input/output tokens) of the API models from its
@@ -267,7 +275,7 @@ def open_model_price(name: str) -> tuple[float, float]:
     return (1.2, 1.2)
 
 
-def load_alpacaeval(root: Path) -> RoutingTable:
+def load_alpacaeval(root: Path, embedder: str) -> RoutingTable:
     """AlpacaEval 2.0 win probabilities against GPT-4-Turbo, 56 models (the two judge attacks excluded);
     output tokens are the answer's characters / 4. Open-ended chat: a held-out stress set, all "test"."""
     path = root / "alpacaeval2_58model" / "alpacaeval2_winrate_matrix.csv.gz"
@@ -284,7 +292,7 @@ def load_alpacaeval(root: Path) -> RoutingTable:
             scores=[[float(r[m]) for m in models] for r in rows],
         )
     prices = {m: ALPACAEVAL_API_PRICES.get(m) or open_model_price(m) for m in models}
-    return _build("alpacaeval2_58model", models, **columns, prices=prices, output_tokens=output_tokens)
+    return _build("alpacaeval2_58model", models, **columns, embedder=embedder, prices=prices, output_tokens=output_tokens)
 
 
 BUILTIN_DATASETS: dict[str, Callable[[Path], RoutingTable]] = {
@@ -303,7 +311,7 @@ def _check_number(value, where: str, *, low: float, high: float) -> float:
     return float(value)
 
 
-def load_user_dataset(path: Path | str) -> RoutingTable:
+def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> RoutingTable:
     """A user's routing data, JSONL or Parquet, one row per prompt:
 
     - `prompt` (string, required)
@@ -361,13 +369,14 @@ def load_user_dataset(path: Path | str) -> RoutingTable:
         benchmarks.append(str(record.get("benchmark") or "user"))
         ids.append(str(record.get("id") or number))
         prompts.append(prompt)
-    return _build(path.stem, models, ids, prompts, benchmarks, splits, scores, costs=costs)
+    return _build(path.stem, models, ids, prompts, benchmarks, splits, scores, embedder, costs=costs)
 
 
-def load_dataset(name_or_path: str, root: Path | None = None) -> RoutingTable:
-    """A built-in dataset by name (read from the data directory) or a user's JSONL/Parquet file by path."""
+def load_dataset(name_or_path: str, root: Path | None = None, embedder: str = DEFAULT_EMBEDDER) -> RoutingTable:
+    """A built-in dataset by name (read from the data directory) or a user's JSONL/Parquet file by path; prompt
+    tokens are counted with `embedder`'s tokenizer, the one the router will serve with."""
     if name_or_path in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[name_or_path](Path(root) if root else data_dir())
+        return BUILTIN_DATASETS[name_or_path](Path(root) if root else data_dir(), embedder)
     if Path(name_or_path).suffix in (".jsonl", ".parquet", ".gz", ".json"):
-        return load_user_dataset(name_or_path)
+        return load_user_dataset(name_or_path, embedder)
     raise DatasetError(f"unknown dataset {name_or_path!r}: use one of {sorted(BUILTIN_DATASETS)} or a .jsonl/.parquet path")

@@ -57,9 +57,11 @@ def aiq(costs, qualities, lo: float, hi: float) -> float | None:
     return total / (hi - lo)
 
 
-def cost_to_reach(costs, qualities, target: float) -> float | None:
-    """The least mean cost at which the hull reaches `target` quality, or None if it never does."""
+def cost_to_reach(costs, qualities, target: float, tolerance: float = 1e-9) -> float | None:
+    """The least mean cost at which the hull reaches `target` quality (within `tolerance`, so that a router
+    reaches its own best model's quality, whatever the order of the sums), or None if it never does."""
     hc, hq = frontier(costs, qualities)
+    target = target - tolerance
     if hq[-1] < target:
         return None
     i = int(np.argmax(hq >= target))

@@ -26,12 +26,7 @@ class NetworkConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2
     dropout: float = 0.2
-    # Weight of the pairwise loss (a decision-targeted term: the better of two models must get the higher
-    # logit on each prompt) beside the per-model BCE; 0 turns it off.
-    pairwise_weight: float = 0.0
-    # Weight of the cost-aware decision loss (the model the decision rule should pick at several cost weights
-    # must get the highest predicted utility); 0 turns it off.
-    decision_weight: float = 0.0
+    early_stopping: bool = True  # each phase keeps its epoch of lowest validation loss (a lever: benchmarks/levers.py)
     seed: int = 0
 
 
@@ -66,30 +61,9 @@ class MixtureOfExperts(nn.Module):
         return logits + torch.einsum("nt,ntm->nm", task_probabilities, task_logits * self.candidates)
 
 
-# The cost weights (in units of the dearest model's mean cost, as in serve.decision) that the decision loss
-# targets: the presets' range. The temperature turns utility gaps of that size into confident choices.
-DECISION_COST_WEIGHTS = (0.0, 0.05, 0.2, 0.5)
-DECISION_TEMPERATURE = 0.05
-
-
-def quality_loss(logits: torch.Tensor, scores: torch.Tensor, costs: torch.Tensor, config: NetworkConfig) -> torch.Tensor:
-    """BCE on soft scores (fits 0/1 and fractional scores alike), plus optional decision-targeted terms:
-    pairwise ranking of models by score, and a cost-aware term over the decision rule's choices.
-    `costs` are each prompt's model costs divided by the cost scale."""
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, scores)
-    if config.pairwise_weight:
-        better = (scores[:, :, None] > scores[:, None, :]).float()
-        margin = logits[:, :, None] - logits[:, None, :]
-        loss = loss + config.pairwise_weight * (nn.functional.softplus(-margin) * better).sum() / better.sum().clamp(min=1)
-    if config.decision_weight:
-        quality = torch.sigmoid(logits)
-        for cost_weight in DECISION_COST_WEIGHTS:
-            utility = scores - cost_weight * costs
-            best = (utility >= utility.max(dim=1, keepdim=True).values - 1e-6).float()  # ties share the target
-            log_choice = torch.log_softmax((quality - cost_weight * costs) / DECISION_TEMPERATURE, dim=1)
-            choice_loss = -(best / best.sum(dim=1, keepdim=True) * log_choice).sum(dim=1).mean()
-            loss = loss + config.decision_weight / len(DECISION_COST_WEIGHTS) * choice_loss
-    return loss
+def quality_loss(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """BCE on soft scores: fits 0/1 and fractional scores alike."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, scores)
 
 
 @contextmanager
@@ -119,9 +93,9 @@ def _restore(modules, states) -> None:
 
 @single_threaded()
 def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: model, shard=lambda n: np.arange(n)) -> dict:
-    """Fit the classifier and the MoE (two phases) on `data` = {inputs [N, D], scores [N, M], costs [N, M] (over
-    the cost scale), tasks [N], candidates [T, M], and optionally validation_inputs / _scores / _costs}. With validation data each phase
-    keeps its epoch of lowest validation quality loss (early stopping). `prepare` and `shard` let Ray Train
+    """Fit the classifier and the MoE (two phases) on `data` = {inputs [N, D], scores [N, M], tasks [N],
+    candidates [T, M], and optionally validation_inputs / validation_scores}. With validation data and
+    `early_stopping`, each phase keeps its epoch of lowest validation quality loss. `prepare` and `shard` let Ray Train
     wrap the models for data-parallel workers; the defaults train in-process. Returns the models' state
     dicts and the loss history."""
     torch.manual_seed(config.seed)
@@ -129,13 +103,11 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
     rows = shard(len(data["inputs"]))
     x = torch.as_tensor(data["inputs"][rows], dtype=torch.float32)
     y = torch.as_tensor(data["scores"][rows], dtype=torch.float32)
-    c = torch.as_tensor(data["costs"][rows], dtype=torch.float32)
     t = torch.as_tensor(data["tasks"][rows], dtype=torch.long)
     has_validation = "validation_inputs" in data
     if has_validation:
         xv = torch.as_tensor(data["validation_inputs"], dtype=torch.float32)
         yv = torch.as_tensor(data["validation_scores"], dtype=torch.float32)
-        cv = torch.as_tensor(data["validation_costs"], dtype=torch.float32)
     candidates = torch.as_tensor(data["candidates"])
     classifier = prepare(TaskClassifier(x.shape[1], config.classifier_hidden, candidates.shape[0], config.dropout))
     moe = prepare(MixtureOfExperts(x.shape[1], config.hidden, y.shape[1], candidates, config.dropout))
@@ -147,7 +119,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         plain_classifier.eval()
         with torch.no_grad():
             gate = torch.softmax(plain_classifier(xv), dim=1) if with_tasks else None
-            return quality_loss(plain_moe(xv, gate), yv, cv, config).item()
+            return quality_loss(plain_moe(xv, gate), yv).item()
 
     shared = [*plain_moe.trunk.parameters(), *plain_moe.general.parameters(), *classifier.parameters()]
     optimiser = torch.optim.AdamW(shared, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -159,7 +131,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         quality_total = task_total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
             optimiser.zero_grad()
-            quality = quality_loss(moe(x[batch]), y[batch], c[batch], config)
+            quality = quality_loss(moe(x[batch]), y[batch])
             task = nn.functional.cross_entropy(classifier(x[batch]), t[batch])
             (quality + task).backward()
             optimiser.step()
@@ -169,7 +141,7 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
         history["classifier_loss"].append(task_total / len(x))
         if has_validation:
             history["phase1_validation"].append(validation_loss(with_tasks=False))
-            if history["phase1_validation"][-1] < best[0]:
+            if config.early_stopping and history["phase1_validation"][-1] < best[0]:
                 best = (history["phase1_validation"][-1], _snapshot(plain_moe, plain_classifier))
     if best[1] is not None:
         _restore((plain_moe, plain_classifier), best[1])
@@ -180,19 +152,19 @@ def train_networks(data: dict, config: NetworkConfig, prepare=lambda model: mode
     with torch.no_grad():
         gate = torch.softmax(classifier(x), dim=1)
     optimiser = torch.optim.AdamW([plain_moe.task_w, plain_moe.task_b], lr=config.learning_rate, weight_decay=config.weight_decay)
-    best = (validation_loss(with_tasks=True), _snapshot(plain_moe)) if has_validation else (float("inf"), None)
+    best = (validation_loss(with_tasks=True), _snapshot(plain_moe)) if has_validation and config.early_stopping else (float("inf"), None)
     for _ in range(config.task_epochs):
         total = 0.0
         for batch in _batches(len(x), config.batch_size, generator):
             optimiser.zero_grad()
-            loss = quality_loss(moe(x[batch], gate[batch]), y[batch], c[batch], config)
+            loss = quality_loss(moe(x[batch], gate[batch]), y[batch])
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
         history["phase2_loss"].append(total / len(x))
         if has_validation:
             history["phase2_validation"].append(validation_loss(with_tasks=True))
-            if history["phase2_validation"][-1] < best[0]:
+            if config.early_stopping and history["phase2_validation"][-1] < best[0]:
                 best = (history["phase2_validation"][-1], _snapshot(plain_moe))
     if best[1] is not None:
         _restore((plain_moe,), best[1])
@@ -226,7 +198,7 @@ def _ray_train_loop(loop_config: dict) -> None:
         ray.train.report({"phase1_loss": result["history"]["phase1_loss"][-1], "phase2_loss": result["history"]["phase2_loss"][-1]}, checkpoint=checkpoint)
 
 
-def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: Path | None = None) -> dict:
+def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, use_gpu: bool = False) -> dict:
     """Fit with Ray Train's TorchTrainer (ScalingConfig from arguments) and return the checkpointed result."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -235,31 +207,11 @@ def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, u
         _ray_train_loop,
         train_loop_config={"data": data, "network": asdict(config)},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(storage_path=str(storage or Path(tempfile.gettempdir()) / "finerouter-train"), name=f"finerouter-seed{config.seed}"),
+        run_config=ray.train.RunConfig(storage_path=str(Path(tempfile.gettempdir()) / "finerouter-train"), name=f"finerouter-seed{config.seed}"),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         return torch.load(Path(folder) / "networks.pt", weights_only=False)
-
-
-def platt_scaling(logits: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-model (scale, shift) that make sigmoid(scale * logit + shift) fit `scores` best (BCE): calibrates
-    each model's predicted quality on data the networks did not train on."""
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(scores, dtype=torch.float64)
-    scale = torch.ones(z.shape[1], dtype=torch.float64, requires_grad=True)
-    shift = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([scale, shift], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(scale * z + shift, y)
-        loss.backward()
-        return loss
-
-    with single_threaded():
-        optimiser.step(closure)
-    return scale.detach().numpy().astype(np.float32), shift.detach().numpy().astype(np.float32)
 
 
 def export_weights(networks: dict) -> dict[str, np.ndarray]:

@@ -32,6 +32,22 @@ def _prompt_groups(table: RoutingTable) -> np.ndarray:
     return group
 
 
+def _held_out_groups(table: RoutingTable, rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded choice of `rows` to hold out, about `fraction` of them, whole prompt groups at a time."""
+    group = _prompt_groups(table)
+    held = np.random.default_rng(seed).random(group.max() + 1) < fraction
+    return held[group[rows]]
+
+
+def training_rows(table: RoutingTable, holdout: float = 0.0, seed: int = 0) -> np.ndarray:
+    """The rows a production fit trains on: every row but the dataset's own test and ood rows, less a seeded
+    `holdout` fraction where one is asked for."""
+    rows = np.flatnonzero(table.splits == "train")
+    if not len(rows):
+        rows = np.arange(len(table))  # a dataset that is all test (AlpacaEval): every row
+    return rows[~_held_out_groups(table, rows, holdout, seed)] if holdout else rows
+
+
 def folds(table: RoutingTable, protocol: str, seed: int = 0) -> list[Fold]:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
@@ -40,9 +56,8 @@ def folds(table: RoutingTable, protocol: str, seed: int = 0) -> list[Fold]:
         train, test = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "test")
         if len(train) and len(test):
             return [Fold("test", train, test)]
-        group = _prompt_groups(table)  # no split of its own: a seeded 70/30 split
-        held = np.random.default_rng(seed).random(group.max() + 1) < STANDARD_TEST_FRACTION
-        return [Fold("test", np.flatnonzero(~held[group]), np.flatnonzero(held[group]))]
+        held = _held_out_groups(table, np.arange(len(table)), STANDARD_TEST_FRACTION, seed)  # no split of its own: 70/30
+        return [Fold("test", np.flatnonzero(~held), np.flatnonzero(held))]
     if protocol == "ood":
         ood = np.flatnonzero(splits == "ood")
         if not len(ood):

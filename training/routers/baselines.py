@@ -1,82 +1,28 @@
-"""Learned baseline routers and their registry (RouteLLM style: one abstract method, a name -> builder map).
-
-Every router only predicts each pool model's quality on each prompt; the shared decision rule
-(`serve.decision.rank_models`) turns that into choices, so routers differ only in what they know.
-"""
+"""The baseline routers: what FineRouter must beat, from knowing nothing about the prompt (prior) to nearest
+neighbours, clusters and a per-model regressor."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 
 import faiss
 import numpy as np
 import torch
 
-from serve.decision import CostModel
-from training.datasets import RoutingTable
-from training.metrics import curve_aiq, trace_curve
 from training.moe import single_threaded
+from training.routers.base import Router, TrainingSet, inner_product_index, tune
 
 
-@dataclass(eq=False)  # hashed by identity, so fitted routers can be cached per training set
-class TrainingSet:
-    """A routing table's training rows with their prompt embeddings."""
+class PriorRouter(Router):
+    """Routing without looking at the prompt: each model's mean training score, the same for every prompt.
+    Only the estimated cost still varies (with the prompt's length): the honest "no routing" curve, where
+    the zero router's hull knows the best single model on the test prompts."""
 
-    table: RoutingTable
-    embeddings: np.ndarray
+    def __init__(self, data: TrainingSet):
+        self.means = data.table.scores.mean(axis=0)
 
-    @cached_property
-    def cost_model(self) -> CostModel:
-        return CostModel.fit(self.table.prompt_tokens, self.table.costs)
-
-    @cached_property
-    def cost_scale(self) -> float:
-        """Mean cost of the most expensive model: the unit of the dimensionless cost weight."""
-        return float(self.table.costs.mean(axis=0).max()) or 1.0
-
-    def subset(self, rows: np.ndarray) -> TrainingSet:
-        return TrainingSet(self.table.subset(rows), self.embeddings[rows])
-
-    def validation_split(self, seed: int, fraction: float = 0.2) -> tuple[TrainingSet, TrainingSet]:
-        """A seeded (fit, validation) split that keeps duplicate prompts on one side."""
-        unique, group = np.unique(np.asarray(self.table.prompts, dtype=object), return_inverse=True)
-        held = np.random.default_rng(seed).random(len(unique)) < fraction
-        return self.subset(~held[group]), self.subset(held[group])
-
-
-class Router(ABC):
-    """Predicts each pool model's quality (expected score in [0, 1]) on each prompt."""
-
-    @abstractmethod
-    def predict_quality(self, embeddings: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """[N, M] predicted quality for N prompts (their embeddings and texts)."""
-
-
-def validation_score(router: Router, train: TrainingSet, validation: TrainingSet) -> float:
-    """What tuning maximises: AIQ on the validation slice, or the routed quality where all models cost alike."""
-    quality = router.predict_quality(validation.embeddings, validation.table.prompts)
-    table = validation.table
-    estimated = train.cost_model.estimate(table.prompt_tokens)
-    curve = trace_curve(quality, estimated, table.scores, table.costs, train.cost_scale)
-    score = curve_aiq(curve, table.costs) if table.has_costs else None
-    return float(curve[1][0].mean()) if score is None else score
-
-
-def tune(build: Callable[[TrainingSet, int, object], Router], options, data: TrainingSet, seed: int) -> tuple[Router, object]:
-    """Pick the option with the best validation score, then refit it on all of `data`."""
-    fit_part, validation = data.validation_split(seed)
-    scores = [validation_score(build(fit_part, seed, option), fit_part, validation) for option in options]
-    best = options[int(np.argmax(scores))]
-    return build(data, seed, best), best
-
-
-def inner_product_index(vectors: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
+    def predict_quality(self, embeddings, prompts=None):
+        return np.broadcast_to(self.means, (len(embeddings), len(self.means))).copy()
 
 
 class KNNRouter(Router):
@@ -156,6 +102,7 @@ CLUSTER_K = (8, 16, 32, 64)
 
 # name -> builder(training set, seed) -> router.
 BASELINE_ROUTERS: dict[str, Callable[[TrainingSet, int], Router]] = {
+    "prior": lambda data, seed: PriorRouter(data),
     "knn": lambda data, seed: tune(lambda d, s, k: KNNRouter(d, k), KNN_K, data, seed)[0],
     "cluster": lambda data, seed: tune(lambda d, s, k: ClusterRouter(d, k, s), CLUSTER_K, data, seed)[0],
     "mlp": lambda data, seed: MLPRouter(data, seed),
