@@ -117,22 +117,25 @@ class RouterArtifact:
         hidden = np.maximum(inputs @ w["classifier_w1"] + w["classifier_b1"], 0)
         return _softmax(hidden @ w["classifier_w2"] + w["classifier_b2"])
 
-    def moe_logits(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """([N, M] the mixture of experts' quality logits, [N, T] task probabilities)."""
+    def moe_logits(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] the mixture of experts' quality logits, [N, T] task probabilities) from `inputs`."""
         w = self.weights
-        inputs = self.inputs(embeddings, texts)
         tasks = self.task_probabilities(inputs)
         hidden = np.maximum(inputs @ w["trunk_w"] + w["trunk_b"], 0)
         task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
         return hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None]), tasks
 
-    def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """([N, M] blended quality, [N, T] task probabilities)."""
+    def predict_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] blended quality, [N, T] task probabilities) from the networks' `inputs`."""
         w = self.weights
-        logits, tasks = self.moe_logits(embeddings, texts)
+        logits, tasks = self.moe_logits(inputs)
         moe = 0.5 * (1 + np.tanh(logits / 2))  # the logistic function, without overflow
         blend = float(w["blend"])
         return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
+
+    def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] blended quality, [N, T] task probabilities) of prompts: their embeddings and texts."""
+        return self.predict_inputs(self.inputs(embeddings, texts))
 
     def route(
         self,

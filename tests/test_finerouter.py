@@ -80,7 +80,7 @@ def test_the_artifacts_numpy_inference_matches_the_trained_torch_networks(data, 
         x = torch.as_tensor(inputs)
         gate = torch.softmax(classifier(x), dim=1)
         torch_logits = moe(x, gate).numpy()
-    numpy_logits, numpy_tasks = artifact.moe_logits(data.embeddings, data.table.prompts)
+    numpy_logits, numpy_tasks = artifact.moe_logits(artifact.inputs(data.embeddings, data.table.prompts))
     np.testing.assert_allclose(numpy_tasks, gate.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(numpy_logits, torch_logits, rtol=1e-4, atol=1e-5)
 

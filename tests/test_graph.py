@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from training.exact_knn import torch_knn
 from training.graph import (
     discover_tasks,
     knn,
@@ -149,11 +150,24 @@ def test_task_graph_drops_missing_neighbours():
     assert graph.vcount() == 2 and graph.ecount() == 1
 
 
-def test_leiden_recovers_planted_clusters():
+@pytest.mark.parametrize("implementation", ["leidenalg", "igraph"])
+def test_leiden_recovers_planted_clusters_reproducibly(implementation):
     embeddings, truth = _planted_clusters()
     neighbours, similarities = knn(embeddings, 10)
-    labels = leiden(task_graph(neighbours, similarities, None, 0.0), resolution=1.0, seed=0)
+    graph = task_graph(neighbours, similarities, None, 0.0)
+    labels = leiden(graph, resolution=1.0, seed=0, implementation=implementation)
     assert _fraction_matching(labels, truth) >= 0.95
+    assert (np.diff(np.bincount(labels)) <= 0).all()  # numbered by decreasing size
+    np.testing.assert_array_equal(leiden(graph, resolution=1.0, seed=0, implementation=implementation), labels)
+
+
+def test_torch_knn_matches_exact_faiss():
+    embeddings = _unit_rows(np.random.default_rng(2).standard_normal((500, 32)))
+    expected_neighbours, expected_similarities = knn(embeddings, 8, index="exact")
+    neighbours, similarities = torch_knn(embeddings, 8, device="cpu", block_size=130)
+    np.testing.assert_allclose(similarities, expected_similarities, atol=1e-5)
+    np.testing.assert_array_equal(neighbours, expected_neighbours)  # random data: no ties
+    np.testing.assert_array_equal(knn(embeddings, 8, index="torch", block_size=130)[0], neighbours)
 
 
 def test_discover_tasks_recovers_planted_clusters_with_performance_mix_and_is_deterministic():

@@ -8,22 +8,23 @@ models. Everything here is plain numpy/faiss/igraph; Ray only shards the kNN que
 from __future__ import annotations
 
 import math
+import random
 
 import faiss
 import igraph
 import leidenalg
 import numpy as np
 
-INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
+from training.exact_knn import torch_knn
+
+INDEX_KINDS = ("auto", "exact", "ivf", "hnsw", "torch")
 EXACT_BELOW_ROWS = 100_000
 
-# Approximate indexes, measured at 1e6 x 384 on 2 cores with the benchmark's MiniLM-like data
-# (benchmarks/bench_graph.py). HNSW: build + all queries 530 s (1040 CPU s), recall@10 0.95.
+# Approximate indexes, chosen with benchmarks/bench_graph.py on MiniLM-like data (figures in the README).
 HNSW_LINKS_PER_NODE = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 32
-# IVF-Flat: 2 * sqrt(N) lists, k-means (10 iterations) on a seeded sample of 40 rows per list, 32 probes:
-# 1010 s (1820 CPU s), recall@10 0.96; scanning lists costs more than HNSW's graph walk (16 probes: 0.84).
+# IVF-Flat: 2 * sqrt(N) lists, k-means on a seeded sample of 40 rows per list; 32 probes (16 lose recall).
 IVF_LISTS_PER_SQRT_ROW = 2
 IVF_TRAINING_ROWS_PER_LIST = 40
 IVF_KMEANS_ITERATIONS = 10
@@ -35,22 +36,35 @@ QUERY_ACTOR_CPUS = 4
 PERFORMANCE_SIMILARITY_CHUNK = 200_000
 # Tiny communities matched to their nearest large one per call of merge_small_communities' loop.
 MERGE_CHUNK = 4096
+# Leiden: leidenalg below this many nodes, igraph's C implementation (same objective, several times faster
+# on large graphs: benchmarks/bench_graph.py --leiden) from it on.
+LEIDEN_IMPLEMENTATIONS = ("auto", "leidenalg", "igraph")
+LEIDEN_IGRAPH_FROM_NODES = 100_000
 
 
 def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _torch_gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_index_kind(index: str, rows: int) -> str:
-    """"auto": exact below EXACT_BELOW_ROWS rows; above, HNSW on CPU (the fastest at recall@10 >= 0.9) and
-    IVF-Flat where faiss has a GPU (faiss has no GPU HNSW)."""
+    """"auto": exact below EXACT_BELOW_ROWS rows; above, HNSW on CPU (the fastest at recall@10 >= 0.9),
+    IVF-Flat where faiss has a GPU (faiss has no GPU HNSW), and an exact torch search where there is a GPU
+    but faiss has no GPU support (a GPU multiplies a million rows by a million in seconds)."""
     if index not in INDEX_KINDS:
         raise ValueError(f"unknown index {index!r}: use one of {INDEX_KINDS}")
     if index != "auto":
         return index
     if rows < EXACT_BELOW_ROWS:
         return "exact"
-    return "ivf" if _gpu_available() else "hnsw"
+    if _gpu_available():
+        return "ivf"
+    return "torch" if _torch_gpu_available() else "hnsw"
 
 
 def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
@@ -167,7 +181,8 @@ def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = 
     """Each row's k nearest other rows by cosine: (ids [N, k] int64, similarities [N, k] float32).
 
     `embeddings` must be L2-normalised, so inner product = cosine. `index`: "exact" (IndexFlatIP), "ivf"
-    (IVF-Flat), "hnsw", or "auto" (see `resolve_index_kind`). The index is built once; queries run in
+    (IVF-Flat), "hnsw", "torch" (exact, `training.exact_knn.torch_knn`, in this process) or "auto" (see
+    `resolve_index_kind`). The index is built once; queries run in
     blocks of `block_size` rows, here or (`use_ray=True`) on a Ray Data actor pool, with identical results.
     `seed` fixes IVF's training sample, so "exact" and "ivf" are reproducible; HNSW's multithreaded build is
     not bit-for-bit (pass index="ivf" where that matters more than ~30% of kNN time).
@@ -176,7 +191,10 @@ def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = 
     rows = len(embeddings)
     if not 0 < k < rows:
         raise ValueError(f"k must be in [1, {rows - 1}] for {rows} rows, got {k}")
-    cpu_index = _build_index(embeddings, resolve_index_kind(index, rows), seed)
+    kind = resolve_index_kind(index, rows)
+    if kind == "torch":
+        return torch_knn(embeddings, k, block_size=block_size)
+    cpu_index = _build_index(embeddings, kind, seed)
     if use_ray:
         return _query_with_ray(cpu_index, embeddings, k, block_size)
     searched = _on_gpu_if_available(cpu_index)
@@ -259,16 +277,39 @@ def task_graph(neighbours: np.ndarray, similarities: np.ndarray, scores: np.ndar
     return graph
 
 
-def leiden(graph: igraph.Graph, resolution: float, seed: int) -> np.ndarray:
-    """Community label per node: weighted Leiden on the modularity with a resolution (RB configuration).
+def _by_decreasing_size(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 0..T-1 by decreasing community size (ties: lower old label first)."""
+    _, labels = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(labels)
+    new_label = np.empty(len(sizes), dtype=np.int64)
+    new_label[np.lexsort((np.arange(len(sizes)), -sizes))] = np.arange(len(sizes))
+    return new_label[labels]
 
-    Iterates until no node moves, so the result does not depend on an iteration budget; fixed seed, same
-    labels. leidenalg numbers communities by decreasing size.
+
+def leiden(graph: igraph.Graph, resolution: float, seed: int, implementation: str = "auto") -> np.ndarray:
+    """Community label per node: weighted Leiden on the modularity with a resolution (RB configuration),
+    numbered by decreasing size.
+
+    Iterates until an iteration improves nothing, so the result does not depend on an iteration budget; a
+    fixed seed gives the same labels. `implementation`: "leidenalg", "igraph" (its C implementation,
+    seeded through igraph's random number generator hook) or "auto" (igraph from LEIDEN_IGRAPH_FROM_NODES).
     """
-    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
-                                         weights="weight" if "weight" in graph.es.attributes() else None,
-                                         resolution_parameter=resolution, n_iterations=-1, seed=seed)
-    return np.asarray(partition.membership, dtype=np.int64)
+    if implementation not in LEIDEN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown Leiden implementation {implementation!r}: use one of {LEIDEN_IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = "igraph" if graph.vcount() >= LEIDEN_IGRAPH_FROM_NODES else "leidenalg"
+    weights = "weight" if "weight" in graph.es.attributes() else None
+    if implementation == "leidenalg":
+        membership = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition, weights=weights,
+                                              resolution_parameter=resolution, n_iterations=-1, seed=seed).membership
+    else:
+        igraph.set_random_number_generator(random.Random(seed))
+        try:
+            membership = graph.community_leiden(objective_function="modularity", weights=weights, resolution=resolution,
+                                                n_iterations=-1).membership
+        finally:
+            igraph.set_random_number_generator(random)  # igraph's default: the random module
+    return _by_decreasing_size(np.asarray(membership, dtype=np.int64))
 
 
 def merge_small_communities(labels: np.ndarray, embeddings: np.ndarray, min_size: int) -> np.ndarray:
@@ -292,12 +333,7 @@ def merge_small_communities(labels: np.ndarray, embeddings: np.ndarray, min_size
     for start in range(0, len(small), MERGE_CHUNK):  # bounds the [small, targets] similarity matrix
         chunk = small[start:start + MERGE_CHUNK]
         merged_into[chunk] = targets[np.argmax(centroids[chunk] @ centroids[targets].T, axis=1)]
-    labels = merged_into[labels]
-    sizes = np.bincount(labels, minlength=len(sizes))
-    by_decreasing_size = np.lexsort((np.arange(len(sizes)), -sizes))
-    new_label = np.empty(len(sizes), dtype=np.int64)
-    new_label[by_decreasing_size] = np.arange(len(sizes))
-    return new_label[labels]  # emptied communities sort last and are never referenced
+    return _by_decreasing_size(merged_into[labels])
 
 
 def discover_tasks(embeddings: np.ndarray, scores: np.ndarray | None, *, k: int = 10, mix: float = 0.5,
