@@ -12,14 +12,19 @@ from serve.settings import cache_dir, data_dir
 os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every test that needs it (starting Ray costs seconds on 2 cores)."""
+def start_local_ray():
+    """A Ray of the test session's own (never another process's cluster on this machine)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (starting Ray costs seconds on 2 cores)."""
+    yield start_local_ray()
 
 
 @pytest.fixture(scope="session")

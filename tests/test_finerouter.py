@@ -85,6 +85,25 @@ def test_the_artifacts_numpy_inference_matches_the_trained_torch_networks(data, 
     np.testing.assert_allclose(numpy_logits, torch_logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stop_after", [3, 5])  # in phase 1, and in phase 2 (4 + 2 epochs)
+def test_a_run_resumed_from_an_epoch_checkpoint_ends_as_the_uninterrupted_run(data, stop_after):
+    import copy
+
+    fit, validation = data.validation_split(0)
+    network_data = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
+                    "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
+                    "validation_scores": validation.table.scores.astype(np.float32)}
+    config = NetworkConfig(epochs=4, task_epochs=2)
+    states = []
+    whole = train_networks(network_data, config, checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    resumed = train_networks(network_data, config, resume=states[stop_after - 1])
+    assert resumed["history"]["resumed_at_epoch"] == [stop_after]
+    for part in ("moe", "classifier"):
+        for name, tensor in whole[part].items():
+            torch.testing.assert_close(resumed[part][name], tensor, rtol=0, atol=0)
+    assert resumed["history"]["phase2_validation"] == whole["history"]["phase2_validation"]
+
+
 def test_task_table_shrinks_small_tasks_toward_the_global_mean():
     scores = np.array([[1.0, 0.0]] * 2 + [[0.0, 1.0]] * 98)
     labels = np.array([0, 0] + [1] * 98)
@@ -157,10 +176,13 @@ def test_incomplete_and_mismatched_artifacts_are_refused(tmp_path, artifact):
 def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
     from training.moe import train_with_ray
 
-    inputs = {"inputs": data.embeddings, "scores": data.table.scores.astype(np.float32),
-              "tasks": np.arange(len(data.table)) % 2, "candidates": np.ones((2, 3), np.float32)}
+    fit, validation = data.validation_split(0)
+    inputs = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
+              "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
+              "validation_scores": validation.table.scores.astype(np.float32)}
     config = NetworkConfig(epochs=2, task_epochs=1)
     remote = train_with_ray(inputs, config, num_workers=1)
     local = train_networks(inputs, config)
     for name, tensor in local["moe"].items():
         np.testing.assert_allclose(remote["moe"][name].numpy(), tensor.numpy(), rtol=1e-5, atol=1e-6)
+    assert remote["history"]["phase1_validation"] == pytest.approx(local["history"]["phase1_validation"])

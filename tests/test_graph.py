@@ -79,19 +79,8 @@ def test_knn_rejects_bad_arguments():
         knn(embeddings, 2, index="annoy")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    if started_here:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_knn_sharded_over_ray_equals_plain_knn(ray_cluster):
+def test_knn_sharded_over_ray_equals_plain_knn(ray_session):
     embeddings, _ = _planted_clusters(clusters=5, per_cluster=200, dim=48)
     plain = knn(embeddings, 10, block_size=300)
     sharded = knn(embeddings, 10, block_size=300, use_ray=True)

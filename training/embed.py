@@ -91,7 +91,7 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True)
+        ray.init(include_dashboard=False)  # joins the machine's running cluster if there is one, else starts one
     try:
         # Several blocks per actor balance the load; blocks of a few batches keep progress updates frequent.
         block_rows = max(batch_size, min(math.ceil(len(texts) / (4 * num_actors)), 16 * batch_size))

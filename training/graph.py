@@ -142,7 +142,7 @@ def _query_with_ray(index: faiss.Index, embeddings: np.ndarray, k: int, block_si
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False, ignore_reinit_error=True)
+        ray.init(include_dashboard=False)  # joins the machine's running cluster if there is one, else starts one
     try:
         # Nested in a dict, the references reach the actors unresolved and each actor fetches them once.
         serialized_index = faiss.serialize_index(index)
@@ -152,7 +152,8 @@ def _query_with_ray(index: faiss.Index, embeddings: np.ndarray, k: int, block_si
         blocks = _row_blocks(len(embeddings), block_size)
         resources = ray.cluster_resources()
         use_gpu = _gpu_available() and resources.get("GPU", 0) > 0
-        cpus_per_actor = 1 if use_gpu else max(1, min(QUERY_ACTOR_CPUS, int(resources.get("CPU", 1))))
+        largest_node = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+        cpus_per_actor = 1 if use_gpu else max(1, min(QUERY_ACTOR_CPUS, int(largest_node)))  # an actor must fit on a node
         max_actors = int(resources["GPU"]) if use_gpu else int(resources.get("CPU", 1)) // cpus_per_actor
         answered = ray.data.from_numpy(blocks).map_batches(
             _IndexShard,
