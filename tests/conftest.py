@@ -65,3 +65,14 @@ def synthetic_routing_set(rows: int = 400, clusters: int = 4, seed: int = 0):
         prices=prices,
     )
     return TrainingSet(table, embeddings)
+
+
+def stage2_data(data, tasks: int = 2) -> dict:
+    """Stage 2's training input from a TrainingSet: its fit part with `tasks` round-robin task labels, and its
+    validation part."""
+    import numpy as np
+
+    fit, validation = data.validation_split(0)
+    return {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % tasks,
+            "candidates": np.ones((tasks, fit.table.scores.shape[1]), np.float32), "validation_inputs": validation.embeddings,
+            "validation_scores": validation.table.scores.astype(np.float32)}

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_routing_set
+from conftest import stage2_data, synthetic_routing_set
 
 from serve.artifact import ArtifactError, RouterArtifact, network_inputs
 from training.fit import FitConfig, fit_router, task_table
@@ -36,10 +36,8 @@ def test_moe_loss_falls(data):
 
 
 def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(data):
-    fit, validation = data.validation_split(0)
-    network_data = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
-                    "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
-                    "validation_scores": validation.table.scores.astype(np.float32)}
+    network_data = stage2_data(data)
+    validation_inputs, validation_scores = network_data["validation_inputs"], network_data["validation_scores"]
     config = NetworkConfig(epochs=12, task_epochs=0, learning_rate=0.05)  # a rate that overfits within a few epochs
     stopped, ran_on = train_networks(network_data, config), train_networks(network_data, replace(config, early_stopping=False))
     history = stopped["history"]["phase1_validation"]
@@ -50,8 +48,8 @@ def test_early_stopping_keeps_the_epoch_of_lowest_validation_loss(data):
         moe.load_state_dict(networks["moe"])
         moe.eval()
         with torch.no_grad():
-            logits = moe(torch.as_tensor(validation.embeddings))
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(validation.table.scores, dtype=torch.float32)).item()
+            logits = moe(torch.as_tensor(validation_inputs))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(validation_scores)).item()
 
     assert validation_loss(stopped) == pytest.approx(min(history), rel=1e-5)
     assert validation_loss(ran_on) == pytest.approx(ran_on["history"]["phase1_validation"][-1], rel=1e-5)
@@ -89,10 +87,7 @@ def test_the_artifacts_numpy_inference_matches_the_trained_torch_networks(data, 
 def test_a_run_resumed_from_an_epoch_checkpoint_ends_as_the_uninterrupted_run(data, stop_after):
     import copy
 
-    fit, validation = data.validation_split(0)
-    network_data = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
-                    "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
-                    "validation_scores": validation.table.scores.astype(np.float32)}
+    network_data = stage2_data(data)
     config = NetworkConfig(epochs=4, task_epochs=2)
     states = []
     whole = train_networks(network_data, config, checkpoint=lambda state: states.append(copy.deepcopy(state)))
@@ -176,10 +171,7 @@ def test_incomplete_and_mismatched_artifacts_are_refused(tmp_path, artifact):
 def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
     from training.moe import train_with_ray
 
-    fit, validation = data.validation_split(0)
-    inputs = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
-              "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
-              "validation_scores": validation.table.scores.astype(np.float32)}
+    inputs = stage2_data(data)
     config = NetworkConfig(epochs=2, task_epochs=1)
     remote = train_with_ray(inputs, config, num_workers=1)
     local = train_networks(inputs, config)

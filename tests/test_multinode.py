@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import start_local_ray, synthetic_routing_set
+from conftest import stage2_data, start_local_ray, synthetic_routing_set
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,7 @@ def _live_actors(class_name: str) -> list[dict]:
 def test_ray_train_on_two_nodes_resumes_from_its_checkpoint_after_a_worker_is_killed(cluster, tmp_path):
     from training.moe import NetworkConfig, train_with_ray
 
-    data = synthetic_routing_set()
-    fit, validation = data.validation_split(0)
-    inputs = {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % 2,
-              "candidates": np.ones((2, 3), np.float32), "validation_inputs": validation.embeddings,
-              "validation_scores": validation.table.scores.astype(np.float32)}
+    inputs = stage2_data(synthetic_routing_set())
     config = NetworkConfig(epochs=12, task_epochs=4)
     seen = {}
 
