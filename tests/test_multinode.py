@@ -108,7 +108,7 @@ def test_embedding_survives_a_node_removed_mid_job_with_a_complete_identical_res
 
     head_and_workers, workers = cluster
     texts = [f"Question {i}: how would you {verb} a {thing} in {i % 7 + 2} steps?"
-             for i, (verb, thing) in enumerate(zip(["sort", "explain", "prove", "draw"] * 150, ["list", "graph", "proof", "tree", "poem"] * 120))]
+             for i, (verb, thing) in enumerate(zip(["sort", "explain", "prove", "draw"] * 500, ["list", "graph", "proof", "tree", "poem"] * 400))]
     removed = {}
 
     def remove_a_node_once_actors_run():
@@ -117,7 +117,7 @@ def test_embedding_survives_a_node_removed_mid_job_with_a_complete_identical_res
             nodes = {actor["node"] for actor in _live_actors("EncoderActor")}
             victim = next((w for w in workers if w.node_id in nodes), None)
             if victim is not None and len(nodes) >= 2:
-                time.sleep(2)  # let it take a block or two
+                time.sleep(1)  # let them take a block or two
                 head_and_workers.remove_node(victim)
                 removed["nodes_before"] = nodes
                 return

@@ -161,7 +161,7 @@ def _query_with_ray(index: faiss.Index, embeddings: np.ndarray, k: int, block_si
             batch_size=block_size,  # = the blocks above, so no batch straddles two of them
             batch_format="numpy",
             # Each actor holds a copy of the index: reserve its memory so a node takes only what fits.
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(len(blocks), max_actors))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(len(blocks), max_actors))),  # every node's share, from the start
             num_cpus=cpus_per_actor,
             num_gpus=1 if use_gpu else None,
             memory=index_bytes,
