@@ -17,8 +17,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.backends import BackendFailure, _classify, _payloads
 from serve.config import RouterAppConfig
+from serve.failures import BackendFailure, classify
+from serve.pool import payloads
 from serve.protocol import APIError, ChatCompletionRequest, RouteRequest, routing_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,12 +63,19 @@ def test_routing_text_is_the_last_user_message():
         RouteRequest(prompt="a", messages=[{"role": "user", "content": "b"}])
 
 
-def test_backend_outputs_are_normalised_and_failures_classified():
+@pytest.mark.parametrize("status, kind", [(400, APIError), (422, APIError), (401, BackendFailure), (403, BackendFailure),
+                                          (404, BackendFailure), (408, BackendFailure), (429, BackendFailure),
+                                          (500, BackendFailure), (503, BackendFailure)])
+def test_upstream_errors_are_classified_by_whose_fault_they_are(status, kind):
+    failure = classify({"message": "see http://10.0.0.7:8000/v1 for details", "code": status})
+    assert isinstance(failure, kind)
+    shown = failure.message if isinstance(failure, APIError) else failure.reason
+    assert "10.0.0.7" not in shown  # clients never see the upstream's address
+
+
+def test_backend_outputs_are_normalised():
     sse = ['data: {"choices": [], "model": "m"}\n\n', "data: [DONE]\n\n"]
-    assert _payloads(sse) == [{"choices": [], "model": "m"}]
-    assert isinstance(_classify({"message": "bad", "code": 400}), APIError)
-    assert isinstance(_classify({"message": "busy", "code": 429}), BackendFailure)
-    assert isinstance(_classify({"message": "down", "code": 503}), BackendFailure)
+    assert payloads(sse) == [{"choices": [], "model": "m"}]
 
 
 @pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
@@ -76,7 +84,8 @@ def test_shipped_configs_validate(name):
     assert application["import_path"] == "serve.app:build_app"
     config = RouterAppConfig.model_validate(application["args"])
     assert config.artifact == "artifacts/llmrouter_9model"
-    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Router"}
+    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Ranker"}
+    assert all("max_queued_requests" in d for d in application["deployments"])
 
 
 def test_missing_artifact_says_how_to_build_one(tmp_path):
