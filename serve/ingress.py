@@ -38,16 +38,14 @@ REQUEST_ID = "x-request-id"
 OPEN_PATHS = frozenset({"/health"})
 
 
-def _error(error: APIError, request_id: str | None = None) -> JSONResponse:
-    headers = error.headers() or {}
-    if request_id:
-        headers[REQUEST_ID] = request_id
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
 class Gate:
-    """The checks before any route reads the body: a request id for the logs and the response, the API key
-    (every path but /health), and the body's size (by its Content-Length, and while it is read)."""
+    """The checks before any route reads the body: the API key (every path but /health) and the body's size
+    (by its Content-Length, and while it is read). It also notes the request id for the logs: Serve's proxy takes
+    it from the client's `x-request-id` or makes one, and echoes it in the response."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -60,17 +58,10 @@ class Gate:
         request_id = headers.get(REQUEST_ID) or uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-
-        async def send_with_request_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                response_headers = [(name, value) for name, value in message.get("headers", []) if name.lower() != REQUEST_ID.encode()]
-                message = {**message, "headers": response_headers + [(REQUEST_ID.encode(), request_id.encode("latin-1"))]}
-            await send(message)
-
         refusal = self._refusal(scope["path"], headers, settings, state)
         if refusal is not None:
-            return await _error(refusal)(scope, receive, send_with_request_id)
-        await self.app(scope, _capped(receive, settings.max_body_bytes), send_with_request_id)
+            return await _error(refusal)(scope, receive, send)
+        await self.app(scope, _capped(receive, settings.max_body_bytes), send)
 
     @staticmethod
     def _refusal(path: str, headers: dict[str, str], settings, state: dict) -> APIError | None:
@@ -117,26 +108,26 @@ def _request_id(request: Request) -> str | None:
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return _error(error, _request_id(request))
+    return _error(error)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     location = [str(part) for part in error.errors()[0]["loc"] if part != "body"]
-    return _error(APIError(400, validation_message(error.errors()), param=location[0] if location else None), _request_id(request))
+    return _error(APIError(400, validation_message(error.errors()), param=location[0] if location else None))
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
-    return _error(APIError(error.status_code, str(error.detail), code=code), _request_id(request))
+    return _error(APIError(error.status_code, str(error.detail), code=code))
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     logger.exception("request %s: unexpected error on %s", _request_id(request), request.url.path)
     return _error(APIError(500, f"internal error ({type(error).__name__}); the server log has it under the request id",
-                           type="server_error"), _request_id(request))
+                           type="server_error"))
 
 
 def _caller(request: Request) -> Caller:

@@ -50,7 +50,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The text of the message (the text parts of a content array)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part["text"] for part in self.content if part.get("type") == "text" and isinstance(part.get("text"), str))
         return self.content or ""
 
 
@@ -101,7 +101,7 @@ class OutputSize(BaseModel):
 class ChatCompletionRequest(RoutingControls, OutputSize):
     model_config = ConfigDict(extra="allow")  # the rest of the OpenAI parameters
 
-    model: str
+    model: str = Field(examples=[ROUTER_MODEL])
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
 
