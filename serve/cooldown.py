@@ -64,12 +64,15 @@ class Cooldowns:
         engine.failures.clear()
         engine.cooled_until = engine.probe_started = None
 
+    def _recent_failures(self, engine: _Engine) -> int:
+        while engine.failures and engine.failures[0] <= self.clock() - self.config.window_s:
+            engine.failures.popleft()
+        return len(engine.failures)
+
     def failed(self, name: str) -> None:
         engine, now = self._engine(name), self.clock()
         engine.failures.append(now)
-        while engine.failures and engine.failures[0] <= now - self.config.window_s:
-            engine.failures.popleft()
-        if engine.probe_started is not None or len(engine.failures) >= self.config.allowed_fails:
+        if engine.probe_started is not None or self._recent_failures(engine) >= self.config.allowed_fails:
             engine.cooled_until, engine.probe_started = now + self.config.cooldown_s, None
             engine.failures.clear()
             self.gauge.set(1, tags={"backend": name})
@@ -79,5 +82,5 @@ class Cooldowns:
         return max(0.0, (engine.cooled_until or 0.0) - self.clock())
 
     def status(self, name: str) -> dict:
-        return {"state": self.state(name), "recent_failures": len(self._engine(name).failures),
+        return {"state": self.state(name), "recent_failures": self._recent_failures(self._engine(name)),
                 "cooldown_seconds_left": round(self.seconds_left(name), 3)}

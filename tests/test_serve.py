@@ -78,6 +78,47 @@ def test_backend_outputs_are_normalised():
     assert payloads(sse) == [{"choices": [], "model": "m"}]
 
 
+def test_cooldown_engages_after_allowed_fails_and_lifts_after_a_successful_probe():
+    from serve.config import CooldownConfig
+    from serve.cooldown import AVAILABLE, COOLING_DOWN, PROBING, Cooldowns
+
+    now = [0.0]
+    cooldowns = Cooldowns(CooldownConfig(allowed_fails=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
+    cooldowns.failed("m")
+    now[0] = 11.0  # the first failure is out of the window now
+    cooldowns.failed("m")
+    assert cooldowns.admit("m") and cooldowns.state("m") == AVAILABLE
+    cooldowns.failed("m")
+    assert cooldowns.state("m") == COOLING_DOWN and not cooldowns.admit("m") and cooldowns.seconds_left("m") == 5
+    now[0] = 16.0
+    assert cooldowns.state("m") == PROBING and cooldowns.admit("m") and not cooldowns.admit("m")  # one probe at a time
+    cooldowns.failed("m")  # the probe failed: another cool-down at once
+    assert cooldowns.state("m") == COOLING_DOWN
+    now[0] = 21.0
+    assert cooldowns.admit("m")
+    cooldowns.succeeded("m")
+    assert cooldowns.state("m") == AVAILABLE and cooldowns.status("m")["recent_failures"] == 0
+
+
+def test_api_keys_come_from_a_file_or_a_variable_and_match_in_full(tmp_path, monkeypatch):
+    from serve.access import KeyRing, key_id, read_api_keys
+    from serve.config import AccessConfig
+
+    (tmp_path / "keys").write_text("sk-one\n\nsk-two\n")
+    monkeypatch.setenv("ROUTER_KEYS", "sk-three, sk-four")
+    keys = read_api_keys(AccessConfig(api_keys_file=str(tmp_path / "keys"), api_keys_env="ROUTER_KEYS"))
+    assert sorted(keys) == ["sk-four", "sk-one", "sk-three", "sk-two"]
+    ring = KeyRing(keys)
+    assert ring.match("Bearer sk-two") == key_id("sk-two") and "sk-two" not in key_id("sk-two")
+    assert ring.match("Bearer sk-tw") is None and ring.match("sk-two") is None and ring.match(None) is None
+    assert not KeyRing(read_api_keys(AccessConfig()))  # no keys configured: the app is open
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(RuntimeError, match="holds no API key"):
+        read_api_keys(AccessConfig(api_keys_file=str(tmp_path / "empty")))
+    with pytest.raises(ValidationError, match="spend_limit_usd is per API key"):
+        AccessConfig(spend_limit_usd=1)
+
+
 @pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
 def test_shipped_configs_validate(name):
     application = yaml.safe_load((REPO / name).read_text())["applications"][0]
@@ -174,7 +215,8 @@ def base_url(ray_session, artifact_path, failing_upstream, broken_model):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {broken_model: {"kind": "openai", "base_url": failing_upstream, "timeout_s": 10, "max_retries": 1}}
-    serve.run(build_app({"artifact": str(artifact_path), "backends": backends}), name="finerouter", route_prefix="/")
+    never_cool = {"allowed_fails": 1000}  # every request routed to the broken model must show the fallback
+    serve.run(build_app({"artifact": str(artifact_path), "backends": backends, "cooldown": never_cool}), name="finerouter", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -294,6 +336,7 @@ def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, b
     ({"model": "router", "messages": QUESTION, "preset": "cheap", "cost_weight": 1}, 400, None),
     ({"model": "router", "messages": [{"role": "system", "content": "no user turn"}]}, 400, "messages"),
     ({"messages": QUESTION}, 400, "model"),
+    ({"model": "router", "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),  # refused by vLLM's request model
 ])
 def test_bad_requests_get_openai_error_bodies(api, body, status, param):
     response = api.post("/v1/chat/completions", json=body)
