@@ -5,7 +5,8 @@ included, apply), with every pool model sent to a fast fake OpenAI upstream in a
 figures measure the router (ingress, Embedder, Ranker, the OpenAIEndpoint hop), not a model. For each route,
 `--clients` clients send requests back to back for `--duration` seconds; the script prints requests, throughput,
 p50 and p99 of the answered requests, and the count of each status. The only failures allowed are deliberate
-backpressure answers (503 with Retry-After); any other answer makes it exit with 1.
+backpressure answers (503 with Retry-After, which the client honours before its next request); any other
+answer makes it exit with 1.
 
     python benchmarks/bench_load.py [--clients 200] [--duration 60] [--artifact artifacts/llmrouter_9model]
 
@@ -111,7 +112,9 @@ async def load(url: str, bodies: list[dict], clients: int, duration_s: float) ->
             statuses[status] += 1
             if status == 200:
                 latencies.append((time.perf_counter() - started) * 1e3)
-            elif not (status == 503 and retry_after):  # a deliberate backpressure answer is allowed
+            elif status == 503 and retry_after:  # a deliberate backpressure answer: wait as it asks, as clients should
+                await asyncio.sleep(float(retry_after))
+            else:
                 unexpected[status] += 1
 
     connector = aiohttp.TCPConnector(limit=clients)

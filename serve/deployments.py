@@ -21,7 +21,7 @@ from serve.features import WINDOW_CHARS
 from serve.protocol import RankedModel, RoutingDecision
 
 
-@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, max_queued_requests=256)
+@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, max_queued_requests=32)
 class Embedder:
     """Prompt -> (embedding, prompt tokens), with the same encoder and token counts as training.
 

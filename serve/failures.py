@@ -18,7 +18,8 @@ MESSAGE_CHARS = 300  # of an upstream's refusal, passed to the client
 
 # `type`s of the error bodies a backend deployment yields for a call that got no HTTP answer at all.
 UNREACHABLE, TIMED_OUT, DROPPED = "backend_unreachable", "backend_timeout", "backend_connection_dropped"
-_REASONS = {UNREACHABLE: "unreachable", TIMED_OUT: "timed out", DROPPED: "connection dropped"}
+UNREADABLE = "backend_unreadable_answer"  # an answer that is not JSON
+_REASONS = {UNREACHABLE: "unreachable", TIMED_OUT: "timed out", DROPPED: "connection dropped", UNREADABLE: "unreadable answer"}
 
 
 class BackendFailure(Exception):

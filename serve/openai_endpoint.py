@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from serve.failures import DROPPED, TIMED_OUT, UNREACHABLE
+from serve.failures import DROPPED, TIMED_OUT, UNREACHABLE, UNREADABLE
 from serve.http_retry import TRANSIENT_ERRORS, RetryPolicy, is_request_fault
 
 logger = logging.getLogger("ray.serve")
@@ -71,7 +71,7 @@ class OpenAIEndpoint:
                 return
             except json.JSONDecodeError as error:
                 self._log(request_id, "not JSON", str(error))
-                yield {"error": {"message": "", "type": "backend_error", "param": None, "code": 502}}
+                yield {"error": {"message": "", "type": UNREADABLE, "param": None, "code": 502}}
                 return
 
     def _log(self, request_id: str | None, what: str, detail: str) -> None:

@@ -21,7 +21,6 @@ from serve.batch.output import RowRangeSink, prepare_output
 from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
 from serve.decision import PRESETS
 
-
 # Reading and writing a chunk is light work: a fraction of a CPU each, so that parts are written while the
 # router actors still route (and a crash loses little) instead of waiting for a free core.
 IO_CPUS = 0.25
