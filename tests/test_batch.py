@@ -178,6 +178,14 @@ def test_answer_records_failures_instead_of_raising(endpoint):
         assert "ConnectError" in answers.answer(client, "good", "hello", 7, FAST_RETRY)[2]
 
 
+def test_the_answerer_closes_its_client_and_threads():
+    answerer = answers.Answerer("http://127.0.0.1:9/v1", "prompt", 8, concurrency=2, timeout_s=1, api_key_env=None)
+    answerer.close()
+    assert answerer.client.is_closed
+    with pytest.raises(RuntimeError):  # a closed pool takes no more work
+        answerer.threads.submit(print)
+
+
 # --- the Ray Data job ------------------------------------------------------------------------------------
 
 

@@ -119,6 +119,20 @@ def test_api_keys_come_from_a_file_or_a_variable_and_match_in_full(tmp_path, mon
         AccessConfig(spend_limit_usd=1)
 
 
+def test_the_openai_endpoint_closes_its_client_when_serve_shuts_the_replica_down():
+    import asyncio
+
+    from serve.http_retry import RetryPolicy
+    from serve.openai_endpoint import OpenAIEndpoint
+
+    async def shut_down():
+        endpoint = OpenAIEndpoint("http://127.0.0.1:9/v1", None, 1.0, RetryPolicy())
+        await endpoint.__del__()  # what Serve calls on a replica's graceful shutdown
+        return endpoint.client.is_closed
+
+    assert asyncio.run(shut_down())
+
+
 @pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
 def test_shipped_configs_validate(name):
     application = yaml.safe_load((REPO / name).read_text())["applications"][0]
