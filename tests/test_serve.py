@@ -78,6 +78,15 @@ def test_backend_outputs_are_normalised():
     assert payloads(sse) == [{"choices": [], "model": "m"}]
 
 
+def test_token_counts_are_exact_up_to_the_bound_and_extrapolated_beyond():
+    from serve.encoder import TOKEN_COUNT_EXACT_CHARS, _tokenizer, count_tokens
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 2000)[:TOKEN_COUNT_EXACT_CHARS]
+    exact = len(_tokenizer("all-MiniLM-L6-v2")(text, add_special_tokens=False)["input_ids"])
+    assert count_tokens([text, "hello world"]).tolist() == [exact, 2]
+    assert count_tokens([text * 16])[0] == exact * 16  # a 1 MiB prompt costs one bounded tokenization
+
+
 def test_cooldown_engages_after_allowed_fails_and_lifts_after_a_successful_probe():
     from serve.config import CooldownConfig
     from serve.cooldown import AVAILABLE, COOLING_DOWN, PROBING, Cooldowns
