@@ -1,4 +1,4 @@
-"""The Serve application: `build_app(args)` wires ingress -> Embedder -> Router -> backend pool.
+"""The Serve application: `build_app(args)` wires ingress -> Embedder -> Ranker -> backend pool.
 
     serve run serve.config                 # the YAML names serve.app:build_app and holds its args
     serve.run(build_app({...}))            # the same from Python
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from serve.access import SpendLedger
 from serve.artifact import ArtifactError, RouterArtifact
-from serve.backends import build_backends
 from serve.config import RouterAppConfig
-from serve.deployments import Embedder, Router
+from serve.deployments import Embedder, Ranker
+from serve.engines import build_backends
 from serve.ingress import RouterIngress
 
 
@@ -36,11 +37,12 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
     if unknown:
         raise ValueError(f"backends configured for {unknown}, which are not in the artifact's pool {artifact.models}")
     engines, specs = build_backends(config, artifact.models)
+    ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
     return RouterIngress.bind(
         Embedder.bind(artifact.embedder, config.embedder),
-        Router.bind(str(artifact.path)),
+        Ranker.bind(str(artifact.path), {model: spec.context_window for model, spec in specs.items()}),
         engines,
         specs,
-        config.default_preset,
-        config.max_attempts,
+        config,
+        ledger,
     )

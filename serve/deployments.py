@@ -1,7 +1,8 @@
-"""The Embedder and Router deployments: the two steps of a routing decision.
+"""The Embedder and Ranker deployments: the two steps of a routing decision.
 
 They are separate so that each scales on its own: the encoder is the expensive, batchable part (and the one
-that wants a GPU), the decision is a few matrix products on the artifact.
+that wants a GPU), the decision is a few matrix products on the artifact. Both do their work in a thread, so
+that a long prompt never holds up the replica's event loop (and with it every other request on the replica).
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ from ray.serve.metrics import Histogram
 
 from serve.artifact import RouterArtifact
 from serve.config import EmbedderConfig
-from serve.protocol import RankedModel, RoutingDecision
 from serve.encoder import count_tokens, encode, load_encoder
+from serve.features import WINDOW_CHARS
+from serve.protocol import RankedModel, RoutingDecision
 
 
-@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, max_queued_requests=32)
 class Embedder:
-    """Prompt -> (embedding, prompt tokens), with the same encoder and token counts as training."""
+    """Prompt -> (embedding, prompt tokens), with the same encoder and token counts as training.
+
+    The encoder reads the first few hundred tokens only, so it is given the first WINDOW_CHARS characters:
+    the same embedding for any prompt whose first WINDOW_CHARS characters hold that many tokens, and a bounded
+    cost for a prompt of any size. The token count (for the cost estimate) covers the whole prompt."""
 
     def __init__(self, embedder: str, config: EmbedderConfig):
         self.name = embedder
@@ -37,36 +43,56 @@ class Embedder:
         return list(zip(embeddings, tokens.tolist()))
 
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return encode(self.encoder, texts), count_tokens(texts, self.name)
+        return encode(self.encoder, [text[:WINDOW_CHARS] for text in texts]), count_tokens(texts, self.name)
 
 
-@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-class Router:
-    """Loads the artifact once and decides with `RouterArtifact.route`, the evaluation's own decision path."""
+@serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512)
+class Ranker:
+    """Loads the artifact once and ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
+    leaving out the models whose context window cannot hold the prompt and the answer."""
 
-    def __init__(self, artifact_path: str):
+    def __init__(self, artifact_path: str, context_windows: dict[str, int | None]):
         self.artifact = RouterArtifact.load(artifact_path)
         self.models = self.artifact.models
+        self.context_windows = np.array([context_windows.get(model) or np.inf for model in self.models], float)
         self.decision_latency = Histogram(
             "finerouter_decision_latency_ms",
-            description="Time of one routing decision inside the Router (features, MoE, ranking).",
+            description="Time of one routing decision inside the Ranker (features, MoE, ranking).",
             boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50],
         )
 
-    def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
-               candidates: list[str] | None = None, max_cost: float | None = None) -> RoutingDecision:
+    async def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
+                     candidates: list[str] | None = None, max_cost: float | None = None,
+                     output_tokens: int = 0) -> RoutingDecision:
+        return await asyncio.to_thread(self._decide, embedded, text, cost_weight, candidates, max_cost, output_tokens)
+
+    def _decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float, candidates: list[str] | None,
+                max_cost: float | None, output_tokens: int) -> RoutingDecision:
         started = time.perf_counter()
         embedding, prompt_tokens = embedded
-        allowed = None if candidates is None else np.isin(self.models, candidates)
+        candidate = np.ones(len(self.models), bool) if candidates is None else np.isin(self.models, candidates)
+        fits = self.context_windows >= prompt_tokens + output_tokens
+        allowed = candidate & fits
+        # When no candidate fits, rank the candidates anyway, so the answer still says what each one lacks.
         decision = self.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
-                                       allowed=allowed, cost_cap=max_cost)
-        ranking = [
-            RankedModel(model=self.models[index], predicted_quality=float(decision.quality[0, index]),
-                        estimated_cost=float(decision.cost[0, index]), eligible=bool(eligible))
-            for index, eligible in zip(decision.order[0], decision.eligible[0])
-        ]
+                                       allowed=allowed if allowed.any() else candidate, cost_cap=max_cost)
+        ranking = []
+        for index, eligible in zip(decision.order[0], decision.eligible[0]):
+            eligible = bool(eligible and allowed[index])
+            ranking.append(RankedModel(
+                model=self.models[index], predicted_quality=float(decision.quality[0, index]),
+                estimated_cost=float(decision.cost[0, index]), eligible=eligible,
+                ineligible_because=None if eligible else self._why_not(index, candidate, fits, prompt_tokens, output_tokens)))
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.decision_latency.observe(elapsed_ms)
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms)
+
+    def _why_not(self, index: int, candidate: np.ndarray, fits: np.ndarray, prompt_tokens: int, output_tokens: int) -> str:
+        if not candidate[index]:
+            return "not among the candidates"
+        if not fits[index]:
+            return (f"context window of {self.context_windows[index]:.0f} tokens < {prompt_tokens} prompt"
+                    f" + {output_tokens} answer tokens")
+        return "over max_cost"

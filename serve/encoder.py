@@ -15,6 +15,9 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+# Tokenizing takes time in proportion to the text: prompts longer than this many characters are counted exactly
+# on their first TOKEN_COUNT_EXACT_CHARS characters, and the rest at the same tokens per character.
+TOKEN_COUNT_EXACT_CHARS = 65_536
 BUNDLED_ALIASES = frozenset({DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"})
 
 _Loaded = TypeVar("_Loaded")
@@ -71,9 +74,15 @@ def _tokenizer(name: str):
 
 
 def count_tokens(texts: Sequence[str], name: str = DEFAULT_EMBEDDER) -> np.ndarray:
-    """Prompt lengths in the embedder's tokens, untruncated and without special tokens (for cost estimates)."""
+    """Prompt lengths in the embedder's tokens, untruncated and without special tokens (for cost estimates):
+    exact up to TOKEN_COUNT_EXACT_CHARS characters, extrapolated from that prefix beyond."""
     if len(texts) == 0:
         return np.zeros(0, dtype=np.int64)
-    token_ids = _tokenizer(name)(list(texts), add_special_tokens=False, truncation=False, verbose=False,
+    prefixes = [text[:TOKEN_COUNT_EXACT_CHARS] for text in texts]
+    token_ids = _tokenizer(name)(prefixes, add_special_tokens=False, truncation=False, verbose=False,
                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-    return np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    counts = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    longer = lengths > TOKEN_COUNT_EXACT_CHARS
+    counts[longer] = np.rint(counts[longer] * lengths[longer] / TOKEN_COUNT_EXACT_CHARS).astype(np.int64)
+    return counts

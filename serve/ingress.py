@@ -1,13 +1,15 @@
 """The HTTP routes (FastAPI, OpenAI-compatible) and the ingress deployment that serves them.
 
 Routes only translate between HTTP and `serve.serving.RoutedChat`; every error leaves as an OpenAI error body:
-invalid input as 400 (404 for an unknown model), backend trouble as 503, anything unexpected as a 500
-without a traceback (which goes to the replica's log).
+invalid input as 400 (404 for an unknown model, 413 for a body over the limit), a missing or wrong API key as
+401, a spent key as 429, backend trouble and overload as 503, anything unexpected as a 500 without a traceback
+(which goes to the replica's log with the request id).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,23 +17,93 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.backends import BackendSpec, PoolBackend
+from serve.access import KeyRing, read_api_keys
+from serve.config import RouterAppConfig
+from serve.engines import BackendSpec
+from serve.pool import PoolBackend
 from serve.protocol import (
     APIError,
     ChatCompletionRequest,
     ModelList,
     RouteRequest,
     RouteResponse,
+    validation_message,
 )
-from serve.serving import RoutedChat
+from serve.serving import Caller, RoutedChat, check_limits
 
 logger = logging.getLogger("ray.serve")
-app = FastAPI(title="FineRouter", description="An OpenAI-compatible LLM router.")
+REQUEST_ID = "x-request-id"
+OPEN_PATHS = frozenset({"/health"})
 
 
 def _error(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+class Gate:
+    """The checks before any route reads the body: the API key (every path but /health) and the body's size
+    (by its Content-Length, and while it is read). It also notes the request id for the logs: Serve's proxy takes
+    it from the client's `x-request-id` or makes one, and echoes it in the response."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings = scope["app"].state
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        request_id = headers.get(REQUEST_ID) or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        refusal = self._refusal(scope["path"], headers, settings, state)
+        if refusal is not None:
+            return await _error(refusal)(scope, receive, send)
+        await self.app(scope, _capped(receive, settings.max_body_bytes), send)
+
+    @staticmethod
+    def _refusal(path: str, headers: dict[str, str], settings, state: dict) -> APIError | None:
+        keyring: KeyRing = settings.keyring
+        if keyring and path not in OPEN_PATHS:
+            state["api_key"] = keyring.match(headers.get("authorization"))
+            if state["api_key"] is None:
+                problem = "no API key given" if "authorization" not in headers else "the API key is not valid"
+                return APIError(401, f"{problem}: send `Authorization: Bearer <key>` with a key of this router",
+                                code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_body_bytes:
+            return _too_large(settings.max_body_bytes)
+        return None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+
+
+def _capped(receive: Receive, limit: int) -> Receive:
+    """`receive` that refuses a body growing past `limit` (one sent without a Content-Length)."""
+    received = 0
+
+    async def receive_capped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, _too_large(limit).message)
+        return message
+
+    return receive_capped
+
+
+app = FastAPI(title="FineRouter", description="An OpenAI-compatible LLM router.")
+app.add_middleware(Gate)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
 
 
 @app.exception_handler(APIError)
@@ -41,30 +113,37 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    problem = error.errors()[0]
-    location = [str(part) for part in problem["loc"] if part != "body"]
-    message = problem["msg"].removeprefix("Value error, ")
-    return _error(APIError(400, f"{'.'.join(location) + ': ' if location else ''}{message}", param=location[0] if location else None))
+    location = [str(part) for part in error.errors()[0]["loc"] if part != "body"]
+    return _error(APIError(400, validation_message(error.errors()), param=location[0] if location else None))
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return _error(APIError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None))
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
+    return _error(APIError(error.status_code, str(error.detail), code=code))
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s", request.url.path)
-    return _error(APIError(500, f"internal error ({type(error).__name__}); see the server log", type="server_error"))
+    logger.exception("request %s: unexpected error on %s", _request_id(request), request.url.path)
+    return _error(APIError(500, f"internal error ({type(error).__name__}); the server log has it under the request id",
+                           type="server_error"))
 
 
-@serve.deployment(name="RouterIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+def _caller(request: Request) -> Caller:
+    return Caller(request_id=_request_id(request) or uuid.uuid4().hex, key=getattr(request.state, "api_key", None))
+
+
+@serve.deployment(name="RouterIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=256)
 @serve.ingress(app)
 class RouterIngress:
-    def __init__(self, embedder: DeploymentHandle, router: DeploymentHandle, engines: dict[str, DeploymentHandle],
-                 specs: dict[str, BackendSpec], default_preset: str, max_attempts: int):
+    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, engines: dict[str, DeploymentHandle],
+                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None):
         backends = {model: PoolBackend(spec, engines[spec.engine]) for model, spec in specs.items()}
-        self.chat = RoutedChat(embedder, router, backends, default_preset, max_attempts)
+        app.state.keyring = KeyRing(read_api_keys(config.access))
+        app.state.max_body_bytes = config.limits.max_body_bytes
+        self.config = config
+        self.chat = RoutedChat(embedder, ranker, backends, config, ledger)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -74,14 +153,20 @@ class RouterIngress:
     async def models(self) -> ModelList:
         return self.chat.models()
 
+    @app.get("/v1/backends")
+    async def backends(self) -> dict:
+        """Each pool model's backend and its cool-down state, as this ingress replica sees it."""
+        return {"object": "list", "data": self.chat.backend_states()}
+
     @app.post("/v1/route")
-    async def route(self, request: RouteRequest) -> RouteResponse:
-        decision = await self.chat.route(request.text(), request)
-        return RouteResponse(model=decision.ranking[0].model, **decision.model_dump())
+    async def route(self, body: RouteRequest, request: Request) -> RouteResponse:
+        check_limits(body, body.messages, self.config)
+        decision = await self.chat.route(body.text(), body, body.output_tokens(), _caller(request))
+        return RouteResponse(model=decision.eligible_models()[0], **decision.model_dump())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: ChatCompletionRequest):
-        result = await self.chat.chat(request)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        result = await self.chat.chat(body, _caller(request))
         if result.stream is not None:
             return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
         return JSONResponse(result.body, headers=result.headers)

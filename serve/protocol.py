@@ -7,9 +7,10 @@ Routing controls travel in the request body beside the OpenAI fields (with the `
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve.decision import PRESETS
 
@@ -20,12 +21,24 @@ class APIError(Exception):
     """An error the client gets as an OpenAI error body with `status`; `message` says what to change."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_message(error: ValidationError | list[dict]) -> str:
+    """The first problem of a failed validation as `field.path: what is wrong` (never the value sent)."""
+    problem = (error.errors() if isinstance(error, ValidationError) else error)[0]
+    location = [str(part) for part in problem["loc"] if part != "body"]
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(location) + ': ' if location else ''}{message}"
 
 
 class ChatMessage(BaseModel):
@@ -37,7 +50,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The text of the message (the text parts of a content array)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part["text"] for part in self.content if part.get("type") == "text" and isinstance(part.get("text"), str))
         return self.content or ""
 
 
@@ -73,10 +86,22 @@ def routing_text(messages: list[ChatMessage]) -> str:
     raise APIError(400, "routing needs a user message with text content", param="messages")
 
 
-class ChatCompletionRequest(RoutingControls):
+class OutputSize(BaseModel):
+    """The OpenAI fields that size the answer: the app caps them, and the ranking checks context windows."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+
+    def output_tokens(self) -> int:
+        """The most tokens one answer may take (0 when the request does not say)."""
+        return self.max_completion_tokens or self.max_tokens or 0
+
+
+class ChatCompletionRequest(RoutingControls, OutputSize):
     model_config = ConfigDict(extra="allow")  # the rest of the OpenAI parameters
 
-    model: str
+    model: str = Field(examples=[ROUTER_MODEL])
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
 
@@ -85,9 +110,13 @@ class ChatCompletionRequest(RoutingControls):
         return self.model_dump(exclude_unset=True, exclude=set(RoutingControls.model_fields) | {"model"})
 
 
-class RouteRequest(RoutingControls):
-    model_config = ConfigDict(extra="forbid")
+class RouteRequest(RoutingControls, OutputSize):
+    """A prompt, or the body a client sends to /v1/chat/completions: its generation fields are ignored, except
+    those that size the answer (a model whose context window cannot hold prompt and answer is not eligible)."""
 
+    model_config = ConfigDict(extra="ignore")
+
+    model: Literal[ROUTER_MODEL] | None = Field(None, description=f"{ROUTER_MODEL!r} when given")
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
 
@@ -105,7 +134,8 @@ class RankedModel(BaseModel):
     model: str
     predicted_quality: float
     estimated_cost: float  # USD
-    eligible: bool  # allowed by the candidate list and under the cost cap
+    eligible: bool  # allowed by the candidate list, under the cost cap, and holding prompt and answer
+    ineligible_because: str | None = None  # why not, when not
 
 
 class RoutingDecision(BaseModel):
@@ -116,7 +146,7 @@ class RoutingDecision(BaseModel):
     cost_weight: float
     prompt_tokens: int
     ranking: list[RankedModel]
-    decision_ms: float  # time the Router spent deciding (not counting the embedding)
+    decision_ms: float  # time the Ranker spent deciding (not counting the embedding)
 
     def eligible_models(self) -> list[str]:
         """The models to try in turn: the eligible ones, best first."""

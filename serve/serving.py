@@ -1,4 +1,4 @@
-"""The serving logic behind the HTTP routes: decide, then answer with the best model that works.
+"""The serving logic behind the HTTP routes: check the request, decide, then answer with the best model that works.
 
 Kept apart from FastAPI (as vLLM keeps `serving_chat` apart from its `api_server`), so the routes in
 `serve.ingress` stay a thin translation between HTTP and these calls.
@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
-from serve.backends import BackendFailure, PoolBackend
+from serve.config import RouterAppConfig
+from serve.cooldown import Cooldowns
+from serve.failures import BackendFailure
+from serve.pool import PoolBackend
 from serve.protocol import (
     ROUTER_MODEL,
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     Fallback,
     ModelCard,
     ModelList,
+    OutputSize,
     RoutingControls,
     RoutingDecision,
     RoutingInfo,
@@ -29,6 +35,15 @@ from serve.protocol import (
 )
 
 logger = logging.getLogger("ray.serve")
+LOGGED_PROMPT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: the id its log lines carry, and its API key's id (None when the app is open)."""
+
+    request_id: str
+    key: str | None = None
 
 
 @dataclass
@@ -53,70 +68,139 @@ class _Metrics:
         tag_keys=("model",)))
 
 
+def check_limits(request: OutputSize, messages: list[ChatMessage] | None, config: RouterAppConfig) -> None:
+    """400 naming the field when the request asks for more than the app allows."""
+    limits = config.limits
+    if messages is not None and len(messages) > limits.max_messages:
+        raise APIError(400, f"messages: {len(messages)} messages, more than the {limits.max_messages} allowed", param="messages")
+    for name, cap in (("max_tokens", limits.max_tokens), ("max_completion_tokens", limits.max_tokens), ("n", limits.max_n)):
+        value = getattr(request, name)
+        if value is not None and value > cap:
+            raise APIError(400, f"{name}: {value} is over the limit of {cap}", param=name)
+
+
 class RoutedChat:
-    def __init__(self, embedder: DeploymentHandle, router: DeploymentHandle, backends: dict[str, PoolBackend],
-                 default_preset: str, max_attempts: int):
-        self.embedder, self.router, self.backends = embedder, router, backends
-        self.default_preset, self.max_attempts = default_preset, max_attempts
+    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
+                 config: RouterAppConfig, ledger: DeploymentHandle | None = None):
+        self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
+        self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.backends])
 
-    async def route(self, text: str, controls: RoutingControls) -> RoutingDecision:
+    def backend_states(self) -> list[dict]:
+        return [{"model": model, "backend": backend.spec.engine, **self.cooldowns.status(backend.spec.engine)}
+                for model, backend in self.backends.items()]
+
+    async def route(self, text: str, controls: RoutingControls, output_tokens: int, caller: Caller) -> RoutingDecision:
+        """The ranking; 400 when no model may answer (none holds the prompt and the answer)."""
+        decision = await self._rank(text, controls, output_tokens, caller)
+        if not decision.eligible_models():
+            reasons = "; ".join(f"{entry.model}: {entry.ineligible_because}" for entry in decision.ranking
+                                if entry.ineligible_because != "not among the candidates")
+            raise APIError(400, f"no model can take this request ({reasons}); shorten the prompt or lower max_tokens",
+                           param="messages", code="context_length_exceeded")
+        return decision
+
+    async def _rank(self, text: str, controls: RoutingControls, output_tokens: int, caller: Caller) -> RoutingDecision:
         if controls.candidates is not None:
             unknown = sorted(set(controls.candidates) - set(self.backends))
             if unknown:
                 raise APIError(400, f"unknown candidates {unknown}; the pool is {list(self.backends)}", param="candidates")
-        # The embedding goes from the Embedder to the Router without a round trip through this replica.
+        if self.config.access.log_prompts:
+            logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
+        # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
         embedded = self.embedder.embed.remote(text)
-        return await self.router.decide.remote(embedded, text, controls.resolved_cost_weight(self.default_preset),
-                                               controls.candidates, controls.max_cost)
+        try:
+            return await self.ranker.decide.remote(embedded, text, controls.resolved_cost_weight(self.config.default_preset),
+                                                   controls.candidates, controls.max_cost, output_tokens)
+        except BackPressureError:
+            raise APIError(503, "the router is overloaded; retry shortly", type="service_unavailable", code="overloaded",
+                           retry_after_s=self.config.limits.retry_after_s) from None
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+    async def chat(self, request: ChatCompletionRequest, caller: Caller) -> ChatResult:
+        check_limits(request, request.messages, self.config)
+        await self._check_spend(caller)
         if request.model == ROUTER_MODEL:
-            decision = await self.route(routing_text(request.messages), request)
-            order = decision.eligible_models()
+            decision = await self.route(routing_text(request.messages), request, request.output_tokens(), caller)
+            order, cost = decision.eligible_models(), decision.estimated_cost
         elif request.model in self.backends:
             controls = [name for name in RoutingControls.model_fields if getattr(request, name) is not None]
             if controls:
                 raise APIError(400, f"{controls} apply to model {ROUTER_MODEL!r} only; {request.model!r} names a pool model",
                                param=controls[0])
-            decision, order = None, [request.model]
+            decision, order, cost = None, [request.model], None
+            if self.ledger is not None and caller.key is not None:  # spend is counted on the router's estimate
+                cost = (await self._rank(routing_text(request.messages), RoutingControls(), 0, caller)).estimated_cost
         else:
             raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {list(self.backends)}",
                            param="model", code="model_not_found")
-        body, fallbacks, failed_engines = request.backend_body(), [], set()
+        return await self._answer(request, order, decision, cost, caller)
+
+    async def _answer(self, request: ChatCompletionRequest, order: list[str], decision: RoutingDecision | None,
+                      cost: Callable[[str], float] | None, caller: Caller) -> ChatResult:
+        body, fallbacks, tried, cooling = request.backend_body(), [], set(), set()
         for model in order:
             backend = self.backends[model]
-            if backend.spec.engine in failed_engines:
+            engine = backend.spec.engine
+            if engine in tried or engine in cooling:
                 continue  # the stand-in engine serves several pool models: one failure speaks for all of them
-            if len(failed_engines) == self.max_attempts:
+            if len(tried) == self.config.max_attempts:
                 break
-            try:
-                first, rest = await backend.start(body, request.stream)
-            except BackendFailure as failure:
-                logger.warning("backend %s failed, trying the next model: %s", model, failure)
-                self.metrics.fallbacks.inc(tags={"model": model})
-                fallbacks.append(Fallback(model=model, reason=str(failure)))
-                failed_engines.add(backend.spec.engine)
+            if not self.cooldowns.admit(engine):
+                cooling.add(engine)
+                fallbacks.append(Fallback(model=model, reason="cooling down after repeated failures"))
                 continue
+            tried.add(engine)
+            try:
+                first, rest = await backend.start(body, request.stream, caller.request_id)
+            except BackendFailure as failure:
+                logger.warning("request %s: backend %s failed (%s), trying the next model: %s",
+                               caller.request_id, model, failure.reason, failure.detail or "-")
+                self.cooldowns.failed(engine)
+                self.metrics.fallbacks.inc(tags={"model": model})
+                fallbacks.append(Fallback(model=model, reason=failure.reason))
+                continue
+            except APIError as refusal:  # the backend is up; the request is at fault
+                self.cooldowns.succeeded(engine)
+                refusal.message = f"{model} refused the request: {refusal.message}"
+                raise
+            self.cooldowns.succeeded(engine)
+            estimated_cost = cost(model) if cost is not None else None
+            if estimated_cost is not None and self.ledger is not None and caller.key is not None:
+                await self.ledger.charge.remote(caller.key, estimated_cost)
             routing = RoutingInfo(decision=decision, fallbacks=fallbacks, stand_in=backend.spec.stand_in).model_dump()
-            headers = self._answered(model, decision, fallbacks)
+            headers = self._answered(model, decision, fallbacks, estimated_cost)
             if request.stream:
-                return ChatResult(headers, stream=_event_stream(first, rest, model, routing))
+                return ChatResult(headers, stream=_event_stream(first, rest, model, routing, caller,
+                                                                lambda: self.cooldowns.failed(engine)))
             return ChatResult(headers, body={**first, "model": model, "routing": routing})
-        tried = "; ".join(f"{failure.model}: {failure.reason}" for failure in fallbacks)
-        raise APIError(503, f"no backend could answer ({tried})", type="service_unavailable", code="backends_unavailable")
+        tried_list = "; ".join(f"{failure.model}: {failure.reason}" for failure in fallbacks)
+        retry_after = min((self.cooldowns.seconds_left(engine) for engine in cooling), default=None) if not tried else None
+        raise APIError(503, f"no backend could answer ({tried_list or 'no eligible model'})", type="service_unavailable",
+                       code="backends_unavailable", retry_after_s=retry_after or self.config.limits.retry_after_s)
 
-    def _answered(self, model: str, decision: RoutingDecision | None, fallbacks: list[Fallback]) -> dict[str, str]:
+    async def _check_spend(self, caller: Caller) -> None:
+        limit = self.config.access.spend_limit_usd
+        if self.ledger is None or caller.key is None or limit is None:
+            return
+        if await self.ledger.spent_usd.remote(caller.key) >= limit:
+            resets_in = await self.ledger.seconds_left_in_period.remote()
+            raise APIError(429, f"this API key has spent its limit of {limit:g} USD (the router's estimate) for the period; "
+                           f"it resets in {resets_in:.0f} s", type="insufficient_quota", code="insufficient_quota",
+                           retry_after_s=resets_in)
+
+    def _answered(self, model: str, decision: RoutingDecision | None, fallbacks: list[Fallback],
+                  estimated_cost: float | None) -> dict[str, str]:
         """Record the answer in the metrics; the routing headers of the response."""
         self.metrics.requests.inc(tags={"model": model, "routed": str(decision is not None).lower()})
         headers = {"x-router-model": model, "x-router-fallbacks": str(len(fallbacks))}
+        if estimated_cost is not None:
+            self.metrics.estimated_cost.inc(estimated_cost, tags={"model": model})
+            headers["x-router-estimated-cost"] = f"{estimated_cost:.8g}"
         if decision is not None:
-            cost = decision.estimated_cost(model)
-            self.metrics.estimated_cost.inc(cost, tags={"model": model})
-            headers |= {"x-router-task": str(decision.task), "x-router-estimated-cost": f"{cost:.8g}"}
+            headers["x-router-task"] = str(decision.task)
         return headers
 
 
@@ -124,7 +208,8 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def _event_stream(first: dict, rest: AsyncIterator[dict], model: str, routing: dict) -> AsyncIterator[str]:
+async def _event_stream(first: dict, rest: AsyncIterator[dict], model: str, routing: dict, caller: Caller,
+                        on_failure: Callable[[], None]) -> AsyncIterator[str]:
     """The backend's chunks under the answering model's name, the routing in the first, then [DONE].
 
     A backend that breaks mid-stream cannot hand over to another model (the client has its output), so the
@@ -134,7 +219,12 @@ async def _event_stream(first: dict, rest: AsyncIterator[dict], model: str, rout
     try:
         async for chunk in rest:
             yield _sse({**chunk, "model": model})
-    except (BackendFailure, APIError) as error:
-        logger.warning("backend %s failed mid-stream: %s", model, error)
-        yield _sse({"error": {"message": f"{model} failed mid-stream: {error}", "type": "backend_error", "param": None, "code": None}})
+    except BackendFailure as failure:
+        logger.warning("request %s: backend %s failed mid-stream (%s): %s", caller.request_id, model, failure.reason,
+                       failure.detail or "-")
+        on_failure()
+        yield _sse({"error": {"message": f"{model} failed mid-stream: {failure.reason}", "type": "backend_error",
+                              "param": None, "code": None}})
+    except APIError as error:
+        yield _sse(error.body())
     yield _sse("[DONE]")

@@ -15,13 +15,17 @@ import pandas as pd
 import pytest
 from conftest import synthetic_routing_set
 
-from serve import batch
 from serve.artifact import RouterArtifact
+from serve.batch import answers, cli
+from serve.batch.output import MANIFEST, missing_ranges
+from serve.batch.ranking import DECISION_COLUMNS
 from serve.decision import PRESETS
+from serve.http_retry import RetryPolicy
 from training.fit import FitConfig, fit_router
 from training.moe import NetworkConfig
 
 SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
     "def add(a, b): return a + b  # why does this fail on strings?",
     "What is the capital of France?",
@@ -50,7 +54,7 @@ def direct_route(artifact, texts, cost_weight, **limits):
 
 
 def run_job(capsys, *args):
-    code = batch.main([str(arg) for arg in args])
+    code = cli.main([str(arg) for arg in args])
     return code, capsys.readouterr().err
 
 
@@ -142,9 +146,11 @@ class _ScriptedEndpoint(BaseHTTPRequestHandler):
         pass
 
 
+FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01)
+
+
 @pytest.fixture
-def endpoint(monkeypatch):
-    monkeypatch.setattr(batch, "RETRY_BACKOFF_S", 0.01)
+def endpoint():
     _ScriptedEndpoint.calls = {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedEndpoint)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -155,21 +161,29 @@ def endpoint(monkeypatch):
 
 def test_answer_posts_the_routed_model_and_retries_transient_failures(endpoint, monkeypatch):
     monkeypatch.setenv("TEST_KEY", "sk-test")
-    with batch.answer_client(endpoint, concurrency=2, timeout_s=5, api_key_env="TEST_KEY") as client:
-        assert batch.answer(client, "good", "hello", 7) == ("hello / Bearer sk-test / 7", "served-good", None)
-        assert batch.answer(client, "flaky", "hello", 7)[1] == "served-flaky"
+    with answers.answer_client(endpoint, concurrency=2, timeout_s=5, api_key_env="TEST_KEY") as client:
+        assert answers.answer(client, "good", "hello", 7, FAST_RETRY) == ("hello / Bearer sk-test / 7", "served-good", None)
+        assert answers.answer(client, "flaky", "hello", 7, FAST_RETRY)[1] == "served-flaky"
     assert _ScriptedEndpoint.calls["flaky"] == 3
 
 
 def test_answer_records_failures_instead_of_raising(endpoint):
-    with batch.answer_client(endpoint, concurrency=2, timeout_s=0.5, api_key_env=None) as client:
-        answer, model, error = batch.answer(client, "missing", "hello", 7)
+    with answers.answer_client(endpoint, concurrency=2, timeout_s=0.5, api_key_env=None) as client:
+        answer, model, error = answers.answer(client, "missing", "hello", 7, FAST_RETRY)
         assert answer is None and model is None and error.startswith("HTTP 404") and "does not exist" in error
-        assert batch.answer(client, "garbled", "hello", 7)[2].startswith("not a chat completion")
-        assert "ReadTimeout" in batch.answer(client, "slow", "hello", 7)[2]
-    assert _ScriptedEndpoint.calls["missing"] == 1 and _ScriptedEndpoint.calls["slow"] == batch.RETRIES + 1
-    with batch.answer_client("http://127.0.0.1:9/v1", concurrency=1, timeout_s=1, api_key_env=None) as client:
-        assert "ConnectError" in batch.answer(client, "good", "hello", 7)[2]
+        assert answers.answer(client, "garbled", "hello", 7, FAST_RETRY)[2].startswith("not a chat completion")
+        assert "ReadTimeout" in answers.answer(client, "slow", "hello", 7, FAST_RETRY)[2]
+    assert _ScriptedEndpoint.calls["missing"] == 1 and _ScriptedEndpoint.calls["slow"] == FAST_RETRY.attempts
+    with answers.answer_client("http://127.0.0.1:9/v1", concurrency=1, timeout_s=1, api_key_env=None) as client:
+        assert "ConnectError" in answers.answer(client, "good", "hello", 7, FAST_RETRY)[2]
+
+
+def test_the_answerer_closes_its_client_and_threads():
+    answerer = answers.Answerer("http://127.0.0.1:9/v1", "prompt", 8, concurrency=2, timeout_s=1, api_key_env=None)
+    answerer.close()
+    assert answerer.client.is_closed
+    with pytest.raises(RuntimeError):  # a closed pool takes no more work
+        answerer.threads.submit(print)
 
 
 # --- the Ray Data job ------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ def test_routes_a_parquet_file_like_the_artifact(tmp_path, capsys, ray_session, 
                         "--preset", "quality", "--batch-size", 8)
     assert code == 0, err
     routed = pd.read_parquet(tmp_path / "out")
-    assert list(routed.columns) == ["id", "prompt", "source", *batch.DECISION_COLUMNS]
+    assert list(routed.columns) == ["id", "prompt", "source", *DECISION_COLUMNS]
     assert routed["id"].tolist() == list(range(len(PROMPTS)))  # one row per input row, in input order
     assert routed["source"].tolist() == frame["source"].tolist()
 
@@ -211,10 +225,10 @@ def test_routes_a_jsonl_folder_within_the_candidates_and_the_cost_cap(tmp_path, 
     code, err = run_job(capsys, "--artifact", artifact_dir, "--input", folder, "--output", tmp_path / "out", "--format", "jsonl",
                         "--prompt-column", "question", "--candidates", "big", "small", "--max-cost", cap, "--cost-weight", 0.01)
     assert code == 0, err
-    routed = pd.concat([pd.read_json(path, lines=True) for path in sorted((tmp_path / "out").iterdir())])
+    routed = pd.concat([pd.read_json(path, lines=True) for path in sorted((tmp_path / "out").glob("part-*"))])
     assert routed["n"].tolist() == list(range(len(PROMPTS) + 1))  # the folder's files in name order, each in row order
     answered, unanswerable = routed.iloc[:-1], routed.iloc[-1]
-    assert unanswerable[list(batch.DECISION_COLUMNS)].isna().all()  # the row without a prompt kept, not routed
+    assert unanswerable[list(DECISION_COLUMNS)].isna().all()  # the row without a prompt kept, not routed
 
     allowed = np.isin(artifact.models, ["big", "small"])
     expected = direct_route(artifact, PROMPTS, 0.01, allowed=allowed, cost_cap=cap)
@@ -281,3 +295,57 @@ def test_generates_answers_from_a_real_vllm_server(tmp_path, capsys, ray_session
     assert (answered["answer"].str.len() > 0).all() and (answered["answered_by"] == served_model).all()
     assert set(answered["routed_model"]) <= {"big", "mid", "small"}
     assert failed["error"].startswith("HTTP 400") and pd.isna(failed["answer"]) and failed["routed_model"] in {"big", "mid", "small"}
+
+
+# --- resume ------------------------------------------------------------------------------------------------
+
+
+def test_missing_ranges_are_the_gaps_between_done_parts():
+    assert missing_ranges([], 10) == [(0, 10)]
+    assert missing_ranges([(0, 3), (5, 7)], 10) == [(3, 5), (7, 10)]
+    assert missing_ranges([(0, 4), (4, 10)], 10) == []
+
+
+def test_resume_refuses_another_job_s_output(tmp_path, capsys, artifact_dir):
+    pd.DataFrame({"prompt": ["hi", "ho"]}).to_parquet(tmp_path / "in.parquet")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "old.parquet").write_text("")
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", tmp_path / "other", "--resume")
+    assert code == 2 and "was not written by this job" in err
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST).write_text(json.dumps({"cost_weight": 123}))
+    code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", out, "--resume")
+    assert code == 2 and "was written with other" in err and "cost_weight" in err and "--resume" not in err.split("other")[0]
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumed_writes_only_the_missing_rows_and_every_row_once(tmp_path, capsys, ray_session, artifact_dir, artifact):
+    import ray
+
+    rows = 1200
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} (case {i})" for i in range(rows)]
+    pd.DataFrame({"id": range(rows), "prompt": prompts}).to_parquet(tmp_path / "in.parquet", row_group_size=300)
+    out = tmp_path / "out"
+    job = ["--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", out, "--batch-size", 40, "--preset", "quality"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "serve.batch", *map(str, job)], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*"))) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.kill()  # SIGKILL: no cleanup of any kind
+    driver.wait()
+    written_before = {path.name: path.stat().st_mtime_ns for path in out.glob("part-*")}
+    assert 0 < len(pd.read_parquet(out)) < rows, "the job should have been killed midway"
+
+    code, err = run_job(capsys, *job, "--resume")
+    assert code == 0, err
+    assert {name: (out / name).stat().st_mtime_ns for name in written_before} == written_before  # not rewritten
+    routed = pd.read_parquet(out)
+    assert routed["id"].tolist() == list(range(rows))  # every row exactly once, in input order
+    sample = np.random.default_rng(0).choice(rows, size=60, replace=False)
+    expected = direct_route(artifact, [prompts[i] for i in sample], PRESETS["quality"])
+    assert routed["routed_model"].iloc[sample].tolist() == [artifact.models[m] for m in expected.order[:, 0]]
+    assert run_job(capsys, *job, "--resume")[0] == 0  # nothing left: a no-op
+    assert pd.read_parquet(out)["id"].tolist() == list(range(rows))

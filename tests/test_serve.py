@@ -17,8 +17,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.backends import BackendFailure, _classify, _payloads
 from serve.config import RouterAppConfig
+from serve.failures import BackendFailure, classify
+from serve.pool import payloads
 from serve.protocol import APIError, ChatCompletionRequest, RouteRequest, routing_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,12 +63,83 @@ def test_routing_text_is_the_last_user_message():
         RouteRequest(prompt="a", messages=[{"role": "user", "content": "b"}])
 
 
-def test_backend_outputs_are_normalised_and_failures_classified():
+@pytest.mark.parametrize("status, kind", [(400, APIError), (422, APIError), (401, BackendFailure), (403, BackendFailure),
+                                          (404, BackendFailure), (408, BackendFailure), (429, BackendFailure),
+                                          (500, BackendFailure), (503, BackendFailure)])
+def test_upstream_errors_are_classified_by_whose_fault_they_are(status, kind):
+    failure = classify({"message": "see http://10.0.0.7:8000/v1 for details", "code": status})
+    assert isinstance(failure, kind)
+    shown = failure.message if isinstance(failure, APIError) else failure.reason
+    assert "10.0.0.7" not in shown  # clients never see the upstream's address
+
+
+def test_backend_outputs_are_normalised():
     sse = ['data: {"choices": [], "model": "m"}\n\n', "data: [DONE]\n\n"]
-    assert _payloads(sse) == [{"choices": [], "model": "m"}]
-    assert isinstance(_classify({"message": "bad", "code": 400}), APIError)
-    assert isinstance(_classify({"message": "busy", "code": 429}), BackendFailure)
-    assert isinstance(_classify({"message": "down", "code": 503}), BackendFailure)
+    assert payloads(sse) == [{"choices": [], "model": "m"}]
+
+
+def test_token_counts_are_exact_up_to_the_bound_and_extrapolated_beyond():
+    from serve.encoder import TOKEN_COUNT_EXACT_CHARS, _tokenizer, count_tokens
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 2000)[:TOKEN_COUNT_EXACT_CHARS]
+    exact = len(_tokenizer("all-MiniLM-L6-v2")(text, add_special_tokens=False)["input_ids"])
+    assert count_tokens([text, "hello world"]).tolist() == [exact, 2]
+    assert count_tokens([text * 16])[0] == exact * 16  # a 1 MiB prompt costs one bounded tokenization
+
+
+def test_cooldown_engages_after_allowed_fails_and_lifts_after_a_successful_probe():
+    from serve.config import CooldownConfig
+    from serve.cooldown import AVAILABLE, COOLING_DOWN, PROBING, Cooldowns
+
+    now = [0.0]
+    cooldowns = Cooldowns(CooldownConfig(allowed_fails=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
+    cooldowns.failed("m")
+    now[0] = 11.0  # the first failure is out of the window now
+    cooldowns.failed("m")
+    assert cooldowns.admit("m") and cooldowns.state("m") == AVAILABLE
+    cooldowns.failed("m")
+    assert cooldowns.state("m") == COOLING_DOWN and not cooldowns.admit("m") and cooldowns.seconds_left("m") == 5
+    now[0] = 16.0
+    assert cooldowns.state("m") == PROBING and cooldowns.admit("m") and not cooldowns.admit("m")  # one probe at a time
+    cooldowns.failed("m")  # the probe failed: another cool-down at once
+    assert cooldowns.state("m") == COOLING_DOWN
+    now[0] = 21.0
+    assert cooldowns.admit("m")
+    cooldowns.succeeded("m")
+    assert cooldowns.state("m") == AVAILABLE and cooldowns.status("m")["recent_failures"] == 0
+
+
+def test_api_keys_come_from_a_file_or_a_variable_and_match_in_full(tmp_path, monkeypatch):
+    from serve.access import KeyRing, key_id, read_api_keys
+    from serve.config import AccessConfig
+
+    (tmp_path / "keys").write_text("sk-one\n\nsk-two\n")
+    monkeypatch.setenv("ROUTER_KEYS", "sk-three, sk-four")
+    keys = read_api_keys(AccessConfig(api_keys_file=str(tmp_path / "keys"), api_keys_env="ROUTER_KEYS"))
+    assert sorted(keys) == ["sk-four", "sk-one", "sk-three", "sk-two"]
+    ring = KeyRing(keys)
+    assert ring.match("Bearer sk-two") == key_id("sk-two") and "sk-two" not in key_id("sk-two")
+    assert ring.match("Bearer sk-tw") is None and ring.match("sk-two") is None and ring.match(None) is None
+    assert not KeyRing(read_api_keys(AccessConfig()))  # no keys configured: the app is open
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(RuntimeError, match="holds no API key"):
+        read_api_keys(AccessConfig(api_keys_file=str(tmp_path / "empty")))
+    with pytest.raises(ValidationError, match="spend_limit_usd is per API key"):
+        AccessConfig(spend_limit_usd=1)
+
+
+def test_the_openai_endpoint_closes_its_client_when_serve_shuts_the_replica_down():
+    import asyncio
+
+    from serve.http_retry import RetryPolicy
+    from serve.openai_endpoint import OpenAIEndpoint
+
+    async def shut_down():
+        endpoint = OpenAIEndpoint("http://127.0.0.1:9/v1", None, 1.0, RetryPolicy())
+        await endpoint.__del__()  # what Serve calls on a replica's graceful shutdown
+        return endpoint.client.is_closed
+
+    assert asyncio.run(shut_down())
 
 
 @pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
@@ -76,7 +148,8 @@ def test_shipped_configs_validate(name):
     assert application["import_path"] == "serve.app:build_app"
     config = RouterAppConfig.model_validate(application["args"])
     assert config.artifact == "artifacts/llmrouter_9model"
-    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Router"}
+    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Ranker"}
+    assert all("max_queued_requests" in d for d in application["deployments"])
 
 
 def test_missing_artifact_says_how_to_build_one(tmp_path):
@@ -165,7 +238,8 @@ def base_url(ray_session, artifact_path, failing_upstream, broken_model):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {broken_model: {"kind": "openai", "base_url": failing_upstream, "timeout_s": 10, "max_retries": 1}}
-    serve.run(build_app({"artifact": str(artifact_path), "backends": backends}), name="finerouter", route_prefix="/")
+    never_cool = {"allowed_fails": 1000}  # every request routed to the broken model must show the fallback
+    serve.run(build_app({"artifact": str(artifact_path), "backends": backends, "cooldown": never_cool}), name="finerouter", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -285,6 +359,7 @@ def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, b
     ({"model": "router", "messages": QUESTION, "preset": "cheap", "cost_weight": 1}, 400, None),
     ({"model": "router", "messages": [{"role": "system", "content": "no user turn"}]}, 400, "messages"),
     ({"messages": QUESTION}, 400, "model"),
+    ({"model": "router", "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),  # refused by vLLM's request model
 ])
 def test_bad_requests_get_openai_error_bodies(api, body, status, param):
     response = api.post("/v1/chat/completions", json=body)

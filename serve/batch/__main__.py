@@ -1,0 +1,5 @@
+import sys
+
+from serve.batch.cli import main
+
+sys.exit(main())

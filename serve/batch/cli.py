@@ -1,0 +1,149 @@
+"""The batch job's pipeline and command line (`python -m serve.batch --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pyarrow as pa
+
+import serve.batch
+from serve.artifact import ArtifactError, RouterArtifact
+from serve.batch.answers import ANSWER_COLUMNS, Answerer
+from serve.batch.inputs import BatchInputError, Chunk, JobInput, check_input, chunks, read_chunk
+from serve.batch.output import RowRangeSink, prepare_output
+from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
+from serve.decision import PRESETS
+
+# Reading and writing a chunk is light work: a fraction of a CPU each, so that parts are written while the
+# router actors still route (and a crash loses little) instead of waiting for a free core.
+IO_CPUS = 0.25
+
+
+def _allowed(artifact: RouterArtifact, candidates: list[str] | None) -> np.ndarray | None:
+    if candidates is None:
+        return None
+    unknown = sorted(set(candidates) - set(artifact.models))
+    if unknown:
+        raise BatchInputError(f"--candidates: {unknown} not in the pool of {artifact.path} ({artifact.models})")
+    return np.isin(artifact.models, candidates)
+
+
+def _read_chunks(items: pa.Table, job_input: JobInput, pieces: list[Chunk]) -> pa.Table:
+    return pa.concat_tables([read_chunk(job_input.fs, job_input.file_format, pieces[index]) for index in items["chunk"].to_pylist()],
+                            promote_options="permissive")
+
+
+def _job_description(args: argparse.Namespace, artifact: RouterArtifact, job_input: JobInput, cost_weight: float) -> dict:
+    """What the output depends on: a resumed job must match it."""
+    return {
+        "input": [[file.path, file.rows] for file in job_input.files],
+        "artifact": os.path.abspath(artifact.path), "artifact_checksums": artifact.manifest.get("checksums"),
+        "prompt_column": args.prompt_column, "cost_weight": cost_weight, "candidates": args.candidates,
+        "max_cost": args.max_cost, "format": args.format,
+        "answers": {"endpoint": args.endpoint, "max_tokens": args.max_tokens} if args.generate else None,
+    }
+
+
+def build_dataset(args: argparse.Namespace):
+    """The lazy Ray Data pipeline over the rows still to write (all of them, unless resuming): read, route (and
+    answer); None when nothing is left. Raises BatchInputError before any work."""
+    import ray
+
+    artifact = RouterArtifact.load(args.artifact)
+    allowed = _allowed(artifact, args.candidates)
+    if args.max_cost is not None and args.max_cost < 0:
+        raise BatchInputError(f"--max-cost {args.max_cost}: must be zero or more (USD per prompt)")
+    if args.generate and not args.endpoint:
+        raise BatchInputError("--generate needs --endpoint (an OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1)")
+    if args.api_key_env and args.api_key_env not in os.environ:
+        raise BatchInputError(f"--api-key-env {args.api_key_env}: no such environment variable")
+    job_input = check_input(args.input, args.prompt_column, DECISION_COLUMNS + (ANSWER_COLUMNS if args.generate else ()))
+    if not ray.is_initialized():
+        ray.init()
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if args.actors * args.cpus_per_actor > cpus - 1:  # router actors holding every CPU starve the read tasks
+        raise BatchInputError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves less than one of the "
+                              f"cluster's {cpus:g} CPUs to read and write the data; lower them")
+    cost_weight = PRESETS[args.preset] if args.cost_weight is None else args.cost_weight
+    todo = prepare_output(args.output, _job_description(args, artifact, job_input, cost_weight), args.resume, job_input.rows)
+    if not todo:
+        return None
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    pieces = chunks(job_input, todo, args.batch_size)
+    dataset = ray.data.from_items([{"chunk": index} for index in range(len(pieces))]).map_batches(
+        _read_chunks, fn_kwargs={"job_input": job_input, "pieces": pieces}, batch_size=1, batch_format="pyarrow",
+        num_cpus=IO_CPUS)
+    dataset = dataset.map_batches(
+        BatchRanker,
+        fn_constructor_kwargs={"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
+                               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"},
+        batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=args.actors),
+        num_cpus=args.cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
+    )
+    if args.generate:
+        dataset = dataset.map_batches(
+            Answerer,
+            fn_constructor_kwargs={"endpoint": args.endpoint, "prompt_column": args.prompt_column, "max_tokens": args.max_tokens,
+                                   "concurrency": args.concurrency, "timeout_s": args.timeout, "api_key_env": args.api_key_env},
+            batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0, udf_modifying_row_count=False,  # waits on HTTP: needs no core of its own
+        )
+    return dataset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve.batch", description=serve.batch.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", required=True, help="the router artifact folder (python -m training fit --out), on every node")
+    parser.add_argument("--input", required=True, help="a .parquet or .jsonl file, or a folder of them (local path or URI)")
+    parser.add_argument("--output", required=True, help="the output folder (created; must be empty unless --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the job that wrote --output (same arguments): write only the rows it lacks")
+    parser.add_argument("--prompt-column", default="prompt")
+    knob = parser.add_mutually_exclusive_group()
+    knob.add_argument("--cost-weight", type=float, help="quality given up to save one call of the pool's dearest model")
+    knob.add_argument("--preset", choices=sorted(PRESETS), default="balanced", help="a named cost weight (default balanced)")
+    parser.add_argument("--candidates", nargs="+", metavar="MODEL", help="route only among these pool models")
+    parser.add_argument("--max-cost", type=float, help="USD cap per prompt (the cheapest candidate stays when none fits)")
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts per routing call (and per read)")
+    parser.add_argument("--actors", type=int, default=1, help="router actors (each loads the encoder once)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs (and torch threads) per router actor")
+    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per router actor (encoder on CUDA)")
+    parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format")
+    answers = parser.add_argument_group("answers")
+    answers.add_argument("--generate", action="store_true", help="also answer each prompt with its routed model")
+    answers.add_argument("--endpoint", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
+    answers.add_argument("--api-key-env", help="environment variable holding the endpoint's API key (read where the job's actors run)")
+    answers.add_argument("--max-tokens", type=int, default=256)
+    answers.add_argument("--concurrency", type=int, default=16, help="calls in flight")
+    answers.add_argument("--timeout", type=float, default=120, help="seconds per call")
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "actors", "max_tokens", "concurrency"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.cost_weight is not None:
+        args.preset = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        dataset = build_dataset(args)
+        if dataset is None:
+            print(f"{args.output} already holds every row of {args.input}: nothing to do")
+            return 0
+        dataset.write_datasink(RowRangeSink(args.output, args.format), ray_remote_args={"num_cpus": IO_CPUS})
+    except (BatchInputError, ArtifactError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"routed {args.input} -> {args.output} in {time.perf_counter() - started:.1f}s")
+    return 0

@@ -1,0 +1,102 @@
+"""The engines behind the pool: which deployment answers each pool model, built from the app's config.
+
+Kinds `local` (one shared vLLM-CPU stand-in) and `vllm` are Ray Serve LLM deployments (`LLMServer`); kind
+`openai` is an `OpenAIEndpoint` deployment in front of an OpenAI-compatible HTTP server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ray import serve
+
+from serve.config import (
+    STAND_IN_NAME,
+    LocalEngineConfig,
+    OpenAIBackend,
+    RouterAppConfig,
+    VLLMBackend,
+)
+from serve.http_retry import RetryPolicy
+from serve.local_model import MODEL_NAME, prepare_local_model
+from serve.openai_endpoint import OpenAIEndpoint
+from serve.settings import cache_dir
+
+LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
+
+
+def local_llm_config(engine: LocalEngineConfig):
+    """The Ray Serve LLM config of the shared stand-in engine on vLLM-CPU."""
+    from ray.serve.llm import LLMConfig
+
+    return LLMConfig(
+        model_loading_config={"model_id": MODEL_NAME, "model_source": engine.model_source or str(prepare_local_model())},
+        accelerator_config={"kind": "cpu"},
+        placement_group_config={"bundles": [{"CPU": 1}]},  # the vLLM worker, pinned to one core
+        engine_kwargs={"enforce_eager": True, "max_model_len": engine.max_model_len, "dtype": "bfloat16", **engine.engine_kwargs},
+        deployment_config=engine.deployment_config,
+        runtime_env={"env_vars": {
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
+            "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),
+        }},
+        log_engine_metrics=False,
+    )
+
+
+def vllm_llm_config(model: str, backend: VLLMBackend):
+    """The Ray Serve LLM config of a pool model on its own vLLM engine, served under the pool name."""
+    from ray.serve.llm import LLMConfig
+
+    options = {"placement_group_config": backend.placement_group_config} if backend.placement_group_config else {}
+    return LLMConfig(
+        model_loading_config={"model_id": model, "model_source": backend.model_source},
+        accelerator_type=backend.accelerator_type,
+        engine_kwargs=backend.engine_kwargs,
+        deployment_config=backend.deployment_config,
+        runtime_env=backend.runtime_env,
+        **options,
+    )
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How the ingress reaches one pool model: which engine deployment, under which name."""
+
+    engine: str  # key of the deployment handle
+    served_model: str  # the name the engine knows the model by
+    protocol: Literal["ray-serve-llm", "openai-http"]
+    timeout_s: float
+    stand_in: str | None = None
+    context_window: int | None = None  # tokens of prompt plus output the model holds; None: not checked
+
+
+def build_backends(config: RouterAppConfig, models: list[str]) -> tuple[dict[str, Any], dict[str, BackendSpec]]:
+    """(engine key -> bound deployment, pool model -> spec). `local` models share one engine."""
+    from ray.serve.llm import build_llm_deployment
+
+    engines: dict[str, Any] = {}
+    specs: dict[str, BackendSpec] = {}
+    for model in models:
+        backend = config.backend_for(model)
+        if backend.kind == "local":
+            if LOCAL_ENGINE not in engines:
+                engines[LOCAL_ENGINE] = build_llm_deployment(local_llm_config(config.local), name_prefix="StandIn:")
+            specs[model] = BackendSpec(LOCAL_ENGINE, MODEL_NAME, "ray-serve-llm", config.local.timeout_s, stand_in=STAND_IN_NAME,
+                                       context_window=backend.context_window or config.local.max_model_len)
+        elif backend.kind == "vllm":
+            engines[model] = build_llm_deployment(vllm_llm_config(model, backend), name_prefix="VLLM:")
+            specs[model] = BackendSpec(model, model, "ray-serve-llm", backend.timeout_s,
+                                       context_window=backend.context_window or backend.engine_kwargs.get("max_model_len"))
+        else:
+            engines[model] = openai_deployment(model, backend)
+            specs[model] = BackendSpec(model, backend.model or model, "openai-http", backend.timeout_s,
+                                       context_window=backend.context_window)
+    return engines, specs
+
+
+def openai_deployment(model: str, backend: OpenAIBackend):
+    deployment = serve.deployment(OpenAIEndpoint).options(name=f"OpenAI:{model}", **backend.deployment_config)
+    return deployment.bind(backend.base_url, backend.api_key_env, backend.timeout_s,
+                           RetryPolicy(retries=backend.max_retries, backoff_s=backend.retry_backoff_s))
