@@ -1,6 +1,6 @@
 """The decision rule: the one function that turns predicted quality and estimated cost into a ranked choice.
 
-The evaluation harness, the batch job and the Router deployment all call `rank_models`, so what is
+The evaluation harness, the batch job and the Ranker deployment all call `rank_models`, so what is
 evaluated is what is served. NumPy only: no Ray, no torch.
 """
 
