@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray the tests start (in this process and in the jobs they run) is their own: `ray.init()` would
+# otherwise join the machine's latest cluster, or hang on a stale record of one.
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 import pytest
 
