@@ -156,7 +156,10 @@ def cascade_step(
     resolution = np.broadcast_to(np.clip(np.asarray(resolution, float), 0.0, 1.0), (m,))
     members = _supermodels(m, max_depth)
     sizes = members.sum(axis=1)
+    members, sizes = members[sizes <= max_depth - ran.sum(axis=1).min()], sizes[sizes <= max_depth - ran.sum(axis=1).min()]
     started = ran.any(axis=1)
+    if not len(members):  # every prompt has run its `max_depth` models
+        return CascadeStep(next_model=np.full(n, -1), answer=np.argmax(np.where(ran, quality, -np.inf), axis=1))
     best_so_far = np.where(started, np.where(ran, quality, -np.inf).max(axis=1), 0.0)
     answer = np.where(started, np.argmax(np.where(ran, quality, -np.inf), axis=1), -1)
     spent = np.where(ran, cost, 0.0).sum(axis=1)

@@ -15,6 +15,10 @@ import numpy as np
 
 from serve.encoder import DEFAULT_EMBEDDER
 
+# An answer is embedded by its opening characters: they carry its format and approach, the encoder would cut
+# it at 256 tokens anyway, and a short input keeps judging an answer cheap where a cascade waits on it.
+ANSWER_EMBEDDING_CHARS = 400
+
 # "B", "B)", "(B)", "B.", "Answer: B", "The answer is B" at the start of the answer or after an answer cue.
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-E])(?:[).:,\n]|\s*$)")
 _CUED_LETTER = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\b", re.IGNORECASE)
@@ -94,10 +98,11 @@ def agreement(facts: AnswerFacts) -> np.ndarray:
 
 
 def embed_answers(responses: np.ndarray, model: str = DEFAULT_EMBEDDER) -> np.ndarray:
-    """[N, M, D] embeddings of every answer, with the prompt encoder; each distinct text is embedded once and
-    cached on disk (`training.embed.embed_texts`)."""
+    """[N, M, D] embeddings of every answer's opening (`ANSWER_EMBEDDING_CHARS`), with the prompt encoder;
+    each distinct text is embedded once and cached on disk (`training.embed.embed_texts`)."""
     from training.embed import embed_texts
 
-    unique, index = np.unique(responses.ravel().astype(str), return_inverse=True)
+    openings = np.array([text[:ANSWER_EMBEDDING_CHARS] for text in responses.ravel()], dtype=str)
+    unique, index = np.unique(openings, return_inverse=True)
     vectors = embed_texts(list(unique), model, use_ray=False)
     return vectors[index].reshape(*responses.shape, vectors.shape[1])

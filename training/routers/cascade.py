@@ -56,17 +56,21 @@ def run_cascade(ex_ante, estimated_cost, data: TrainingSet, estimator: PostHocEs
     agree = agreement(facts)
     ran = np.zeros((n, m), bool)
     runs = np.full((n, max_depth), -1)
+    answer = np.full(n, -1)
+    active = np.arange(n)  # prompts whose cascade has not stopped
     for depth in range(max_depth + 1):
-        posthoc = estimator.estimate(ex_ante, facts, agree, ran)
-        step = cascade_step(np.where(ran, posthoc, ex_ante), np.where(ran, table.costs, estimated_cost), ran, cost_weight, cost_scale,
-                            resolution=estimator.resolution, max_depth=max_depth)
-        going = np.flatnonzero(step.next_model >= 0)
-        if not len(going):
+        posthoc = estimator.estimate(ex_ante[active], facts.subset(active), agree[active], ran[active])
+        step = cascade_step(np.where(ran[active], posthoc, ex_ante[active]), np.where(ran[active], table.costs[active], estimated_cost[active]),
+                            ran[active], cost_weight, cost_scale, resolution=estimator.resolution, max_depth=max_depth)
+        answer[active] = step.answer
+        going = step.next_model >= 0
+        active, next_model = active[going], step.next_model[going]
+        if not len(active):
             break
-        ran[going, step.next_model[going]] = True
-        runs[going, depth] = step.next_model[going]
+        ran[active, next_model] = True
+        runs[active, depth] = next_model
     rows = np.arange(n)
-    return CascadeOutcome(runs, step.answer, table.scores[rows, step.answer], (table.costs * ran).sum(axis=1))
+    return CascadeOutcome(runs, answer, table.scores[rows, answer], (table.costs * ran).sum(axis=1))
 
 
 def _curve(outcomes: list[tuple[np.ndarray, np.ndarray]]) -> Curve:
