@@ -121,6 +121,7 @@ def test_harness_runs_the_cascades_beside_the_routers_and_says_when_there_are_no
     assert list(report["routers"]) == routers and "note" not in report
     cascade = report["routers"]["cascade"]
     assert cascade["aiq"] is not None and "gain_vs_best_baseline" in cascade
+    assert cascade["gain_vs_best_other"]["router"] in {"finerouter", "agreement_cascade", "frugal_cascade"}
     plain = evaluate(replace(table, responses=None), data.embeddings, "standard", routers=routers, seeds=(0,), bootstrap_samples=0, progress=False)
     assert list(plain["routers"]) == ["zero_router", "finerouter", "cascade"]
     assert plain["routers"]["cascade"]["aiq"] == pytest.approx(plain["routers"]["finerouter"]["aiq"])
