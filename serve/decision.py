@@ -131,7 +131,7 @@ def cascade_step(
     cost_weight: float,
     cost_scale: float,
     *,
-    resolution: np.ndarray | float = 1.0,
+    resolution: np.ndarray | float = 1.0,  # [M] or [N, M]
     allowed: np.ndarray | None = None,
     cost_cap: float | None = None,
     max_depth: int = CASCADE_DEPTH,
@@ -153,7 +153,7 @@ def cascade_step(
     ok = np.ones((n, m), bool) if allowed is None else np.broadcast_to(np.asarray(allowed, bool), (n, m))
     if not ok.any(axis=1).all():
         raise ValueError("allowed excludes every model of the pool")
-    resolution = np.broadcast_to(np.clip(np.asarray(resolution, float), 0.0, 1.0), (m,))
+    resolution = np.broadcast_to(np.clip(np.asarray(resolution, float), 0.0, 1.0), (n, m))
     members = _supermodels(m, max_depth)
     sizes = members.sum(axis=1)
     members, sizes = members[sizes <= max_depth - ran.sum(axis=1).min()], sizes[sizes <= max_depth - ran.sum(axis=1).min()]
@@ -175,7 +175,7 @@ def cascade_step(
     chunk = max(1, int(2e7 // (members.shape[0] * (2 * m + 3))))  # bounds the [prompts, points, sets] array
     for lo in range(0, n, chunk):
         rows = slice(lo, lo + chunk)
-        value = _expected_best(best_so_far[rows], np.where(ran[rows], 0.0, quality[rows]), resolution, members)
+        value = _expected_best(best_so_far[rows], np.where(ran[rows], 0.0, quality[rows]), resolution[rows], members)
         value = np.where(valid[rows], value - cost_weight * set_cost[rows] / cost_scale, -np.inf)
         stop_value = np.where(started[rows], best_so_far[rows], -np.inf)
         # The best set; among sets within rounding of it, the cheapest.

@@ -65,13 +65,13 @@ def test_agreement_with_other_answers_sharpens_the_estimate():
     ex_ante = np.full(held_out.table.scores.shape, 0.5)
     everything_seen = np.ones(held_out.table.scores.shape, bool)
     losses = {}
-    for name, groups in {"all": FEATURE_GROUPS, "no_agreement": tuple(g for g in FEATURE_GROUPS if g != "agreement")}.items():
+    for name, groups in {"all": FEATURE_GROUPS, "no_agreement": tuple(g for g in FEATURE_GROUPS if "agreement" not in g)}.items():
         estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                          np.full(calibration.table.scores.shape, 0.5), groups)
         estimate = estimator.estimate(ex_ante, held_out.answers, agreement(held_out.answers), everything_seen)
         losses[name] = _log_loss(estimate, held_out.table.scores)
         assert abs(estimate.mean() - held_out.table.scores.mean()) < 0.05  # calibrated in the large
-        assert estimator.resolution.shape == (3,) and ((estimator.resolution > 0) & (estimator.resolution <= 1)).all()
+        assert estimator.resolution.shape == (3, 4) and ((estimator.resolution >= 0) & (estimator.resolution <= 1)).all()
     assert losses["all"] < losses["no_agreement"] - 0.02
 
 
@@ -93,7 +93,7 @@ def test_played_cascade_pays_for_every_model_it_runs_and_returns_one_of_their_an
         assert ran[rows, outcome.answer].all()
         np.testing.assert_array_equal(outcome.quality, test.table.scores[rows, outcome.answer])
         depth_used.append(ran.sum(axis=1).mean())
-    assert depth_used[0] > 1.5 and depth_used[-1] == 1.0  # free models: ask several; dear ones: one
+    assert depth_used[0] >= depth_used[1] >= depth_used[-1] == 1.0  # dearer models: never more of them
     free = run_cascade(ex_ante, test.table.costs, test, estimator, 0.0, 1.0)
     assert free.quality.mean() >= test.table.scores.mean(axis=0).max()  # never worse than the best single model
 

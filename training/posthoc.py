@@ -20,7 +20,7 @@ import numpy as np
 from training.answers import AnswerFacts, agreement
 
 # The feature groups; `benchmarks/posthoc_features.py` measures what each adds on held-out validation.
-FEATURE_GROUPS = ("embedding", "length", "format", "agreement", "ex_ante")
+FEATURE_GROUPS = ("embedding", "length", "format", "agreement", "text_agreement", "ex_ante")
 OWN_GROUPS = ("embedding", "length", "format")  # what an answer says about itself (stage 1)
 CONTEXT_SIZES = (0, 1, 2, 3)  # other answers seen, in the stage 2 rows
 ANSWER_L2 = 10.0  # stage 1 ridge penalty (on a sum of log losses over ~2,000 answers per model)
@@ -54,6 +54,12 @@ def _logit(p):
     return np.log(p / (1 - p))
 
 
+def _prior_design(ex_ante: np.ndarray) -> np.ndarray:
+    """[N, M, M + 1] per-model intercepts and the ex-ante logit."""
+    n, m = ex_ante.shape
+    return np.concatenate([np.broadcast_to(np.eye(m), (n, m, m)), _logit(ex_ante)[..., None]], axis=-1)
+
+
 def _own_features(facts: AnswerFacts, groups: tuple[str, ...]) -> np.ndarray:
     """[N, M, F] what each answer says about itself."""
     parts = []
@@ -68,25 +74,23 @@ def _own_features(facts: AnswerFacts, groups: tuple[str, ...]) -> np.ndarray:
     return np.concatenate(parts, axis=-1) if parts else np.zeros((n, m, 0))
 
 
-def _context_features(facts: AnswerFacts, agree: np.ndarray, seen: np.ndarray, ex_ante: np.ndarray) -> np.ndarray:
-    """[N, M, 6] each answer against the answers in `seen` [N, M] (itself excluded): whether any was seen, and
-    the mean agreement with them where both name a choice letter, elsewhere (embedding cosine), and weighted by
-    each other model's ex-ante quality (agreeing with a strong model says more than with a weak one)."""
+def _context_features(facts: AnswerFacts, agree: np.ndarray, seen: np.ndarray, ex_ante: np.ndarray, text: bool) -> np.ndarray:
+    """[N, M, F] each answer against the answers in `seen` [N, M] (itself excluded): whether any was seen, and
+    the mean agreement with the seen answers of models stronger, and of models no stronger, by ex-ante quality
+    (a strong model that disagrees says more than a weak one: cheap models share their mistakes), where both
+    answers name a choice letter and, with `text`, elsewhere (embedding cosine); each with an indicator."""
     n, m = seen.shape
     others = seen[:, None, :] & ~np.eye(m, dtype=bool)[None]  # [N, M (judged), M (seen)]
     named = np.not_equal(facts.letters, None)
-    letter_pair = others & named[:, :, None] & named[:, None, :]
-    text_pair = others & ~letter_pair
-    trust = others * ex_ante[:, None, :]
-
-    def mean_over(mask):
-        count = mask.sum(axis=2)
-        return np.where(count > 0, (agree * mask).sum(axis=2) / np.maximum(count, 1), 0.0), (count > 0).astype(float)
-
-    letter_agreement, has_letter_pair = mean_over(letter_pair)
-    text_agreement, has_text_pair = mean_over(text_pair)
-    trusted = np.where(trust.sum(axis=2) > 0, (agree * trust).sum(axis=2) / np.maximum(trust.sum(axis=2), 1e-9), 0.0)
-    return np.stack([others.any(axis=2).astype(float), has_letter_pair, letter_agreement, has_text_pair, text_agreement, trusted], axis=-1)
+    letter_pair = named[:, :, None] & named[:, None, :]
+    stronger = ex_ante[:, None, :] > ex_ante[:, :, None]
+    features = [others.any(axis=2).astype(float)]
+    for strength in (stronger, ~stronger):
+        for kind in (letter_pair, ~letter_pair) if text else (letter_pair,):
+            mask = others & strength & kind
+            count = mask.sum(axis=2)
+            features += [np.where(count > 0, (agree * mask).sum(axis=2) / np.maximum(count, 1), 0.0), (count > 0).astype(float)]
+    return np.stack(features, axis=-1)
 
 
 @dataclass
@@ -96,7 +100,8 @@ class PostHocEstimator:
     own_mean: np.ndarray  # [F] standardisation of the stage 1 inputs
     own_std: np.ndarray
     combine_weights: np.ndarray  # stage 2
-    resolution: np.ndarray  # [M] how far seeing an answer moves the estimate (serve.decision.cascade_step)
+    resolution: np.ndarray  # [M, S] how far seeing an answer moves the estimate when s = 0.. S-1 other answers were seen
+    prior_weights: np.ndarray  # [M + 2] the ex-ante estimate's calibration on the same slice (intercepts, slope, bias)
 
     @property
     def _has_answer_score(self) -> bool:
@@ -116,8 +121,13 @@ class PostHocEstimator:
         if "ex_ante" in self.groups:
             parts.append(_logit(ex_ante)[..., None])
         if "agreement" in self.groups:
-            parts.append(_context_features(facts, agree, seen, ex_ante))
+            parts.append(_context_features(facts, agree, seen, ex_ante, text="text_agreement" in self.groups))
         return np.concatenate(parts, axis=-1)
+
+    def calibrated_ex_ante(self, ex_ante: np.ndarray) -> np.ndarray:
+        """[N, M] the ex-ante estimate on the post-hoc estimate's scale, for the models not yet run: the decision
+        rule compares the two, so both must be calibrated on the same slice."""
+        return _sigmoid(_prior_design(ex_ante) @ self.prior_weights[:-1] + self.prior_weights[-1])
 
     def estimate(self, ex_ante: np.ndarray, facts: AnswerFacts, agree: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """[N, M] the post-hoc quality of every model's answer, judged against the other answers in `seen`
@@ -140,20 +150,27 @@ class PostHocEstimator:
             answer_weights = np.stack([fit_logistic(x[:, j], fit_scores[:, j], ANSWER_L2) for j in range(models)])
         else:
             answer_weights = np.zeros((models, 1))
-        estimator = cls(groups, answer_weights, mean, std, np.zeros(0), np.zeros(models))
+        estimator = cls(groups, answer_weights, mean, std, np.zeros(0), np.zeros(models), np.zeros(0))
 
         rng = np.random.default_rng(seed)
         agree = agreement(calibration_facts)
         answer_scores = estimator._answer_scores(calibration_facts)
         n = len(calibration_scores)
-        designs, targets = [], []
+        designs, targets, seen_counts = [], [], []
         for size in CONTEXT_SIZES:
             seen = np.argsort(rng.random((n, models)), axis=1) < size  # a random set of `size` answers per prompt
             designs.append(estimator._design(answer_scores, calibration_facts, agree, seen, calibration_ex_ante).reshape(n * models, -1))
             targets.append(calibration_scores.reshape(-1))
+            seen_counts.append(size - seen)  # other answers seen by each judged answer
         design, target = np.concatenate(designs), np.concatenate(targets)
         estimator.combine_weights = fit_logistic(design, target, COMBINE_L2)
         posthoc = _sigmoid(design @ estimator.combine_weights[:-1] + estimator.combine_weights[-1]).reshape(-1, models)
-        prior = np.tile(np.clip(calibration_ex_ante, 1e-4, 1 - 1e-4), (len(CONTEXT_SIZES), 1))
-        estimator.resolution = np.sqrt(np.clip(((posthoc - prior) ** 2).mean(axis=0) / (prior * (1 - prior)).mean(axis=0), 0.0, 1.0))
+        estimator.prior_weights = fit_logistic(_prior_design(calibration_ex_ante).reshape(n * models, -1), calibration_scores.reshape(-1), COMBINE_L2)
+        prior = np.tile(estimator.calibrated_ex_ante(calibration_ex_ante), (len(CONTEXT_SIZES), 1))
+        counts = np.concatenate(seen_counts)
+        moved, spread = (posthoc - prior) ** 2, prior * (1 - prior)
+        estimator.resolution = np.stack([
+            np.sqrt(np.clip((moved * (counts == s)).sum(axis=0) / np.maximum((spread * (counts == s)).sum(axis=0), 1e-9), 0.0, 1.0))
+            for s in range(max(CONTEXT_SIZES) + 1)
+        ], axis=1)
         return estimator

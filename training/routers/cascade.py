@@ -24,8 +24,8 @@ import numpy as np
 
 from serve.decision import CASCADE_DEPTH, cascade_step
 from training.answers import AnswerFacts, agreement
-from training.metrics import COST_WEIGHTS
-from training.posthoc import FEATURE_GROUPS, PostHocEstimator
+from training.metrics import COST_WEIGHTS, curve_aiq
+from training.posthoc import PostHocEstimator
 from training.routers.base import TrainingSet
 from training.routers.finerouter import evaluation_fit
 
@@ -33,6 +33,10 @@ Curve = tuple[np.ndarray, np.ndarray]
 # Agreement on free text: the cosine of two answers' embeddings at or above this (chosen on the training fold).
 TEXT_AGREEMENT_THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 SCORER_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# The post-hoc features kept: the others (`training.posthoc.FEATURE_GROUPS`) did not earn their place on
+# held-out validation (benchmarks/posthoc_features.py, README).
+DEFAULT_GROUPS = ("agreement", "ex_ante")
+RESOLUTION_SCALES = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -48,20 +52,23 @@ class CascadeOutcome:
 
 def run_cascade(ex_ante, estimated_cost, data: TrainingSet, estimator: PostHocEstimator, cost_weight: float, cost_scale: float,
                 max_depth: int = CASCADE_DEPTH) -> CascadeOutcome:
-    """Play cascade routing on recorded answers: at each step the decision rule sees the ex-ante estimates of
-    the models not run, the post-hoc estimates of those run (each judged against the others run), the
-    estimated costs of the former and the true costs of the latter."""
+    """Play cascade routing on recorded answers: at each step the decision rule sees the (calibrated) ex-ante
+    estimates of the models not run, the post-hoc estimates of those run (each judged against the others run), the
+    estimated costs of the former and the true costs of the latter. Every prompt still going has run `depth`
+    models, so the models it may run next have seen `depth` answers: their resolution is the one for `depth`."""
     table, facts = data.table, data.answers
     n, m = table.scores.shape
     agree = agreement(facts)
+    prior = estimator.calibrated_ex_ante(ex_ante)
     ran = np.zeros((n, m), bool)
     runs = np.full((n, max_depth), -1)
     answer = np.full(n, -1)
     active = np.arange(n)  # prompts whose cascade has not stopped
     for depth in range(max_depth + 1):
         posthoc = estimator.estimate(ex_ante[active], facts.subset(active), agree[active], ran[active])
-        step = cascade_step(np.where(ran[active], posthoc, ex_ante[active]), np.where(ran[active], table.costs[active], estimated_cost[active]),
-                            ran[active], cost_weight, cost_scale, resolution=estimator.resolution, max_depth=max_depth)
+        step = cascade_step(np.where(ran[active], posthoc, prior[active]), np.where(ran[active], table.costs[active], estimated_cost[active]),
+                            ran[active], cost_weight, cost_scale, resolution=estimator.resolution[:, min(depth, estimator.resolution.shape[1] - 1)],
+                            max_depth=max_depth)
         answer[active] = step.answer
         going = step.next_model >= 0
         active, next_model = active[going], step.next_model[going]
@@ -83,12 +90,25 @@ class CascadeRoutingPolicy:
     FineRouter's validation slice (where FineRouter's predictions are honest: that slice only chose its
     settings)."""
 
-    def __init__(self, data: TrainingSet, seed: int, groups: tuple[str, ...] = FEATURE_GROUPS):
+    def __init__(self, data: TrainingSet, seed: int, groups: tuple[str, ...] = DEFAULT_GROUPS):
         self.artifact = evaluation_fit(data, seed)
         self.cost_model, self.cost_scale = data.cost_model, data.cost_scale
         fit, calibration = data.validation_split(seed)
         self.estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                               self.ex_ante(calibration), groups, seed)
+        self.estimator.resolution = self.estimator.resolution * self._resolution_scale(calibration)
+
+    def _resolution_scale(self, calibration: TrainingSet) -> float:
+        """The factor on the measured resolutions that gives the best AIQ on the validation slice. The rule
+        takes the models' outcomes as independent, while cheap models share their mistakes, so the measured
+        resolutions overstate what running several models buys; at 0 the cascade is routing."""
+        measured = self.estimator.resolution
+        scores = []
+        for factor in RESOLUTION_SCALES:
+            self.estimator.resolution = measured * factor
+            scores.append(curve_aiq(self.trace(calibration, COST_WEIGHTS[::3]), calibration.table.costs))
+        self.estimator.resolution = measured
+        return RESOLUTION_SCALES[int(np.argmax(scores))]
 
     def ex_ante(self, data: TrainingSet) -> np.ndarray:
         return self.artifact.predict(data.embeddings, data.table.prompts)[0]
