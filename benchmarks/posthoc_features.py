@@ -1,7 +1,7 @@
 """Which post-hoc features earn their place, measured on validation, never on test: for each seed, hold out a
 slice of the training split, build `cascade` on the rest (FineRouter and the post-hoc estimator, which splits
 again for its own fit and calibration) with every feature group, and with each group left out, and score the
-held-out slice: the cascade's AIQ, and the log loss of the post-hoc estimates (each answer judged against a
+held-out slice: the cascade's AIQ (beside route-only FineRouter's), and the log loss of the post-hoc estimates (each answer judged against a
 random set of the others). Differences are paired by seed, as in `levers.py`.
 
     python benchmarks/posthoc_features.py --dataset routerbench_partial --seeds 3
@@ -23,8 +23,9 @@ from training.embed import embed_texts
 from training.metrics import curve_aiq
 from training.posthoc import FEATURE_GROUPS
 from training.protocols import training_rows
-from training.routers.base import TrainingSet
-from training.routers.cascade import CascadeRoutingPolicy
+from training.routers.base import ArtifactRouter, TrainingSet, validation_score
+from training.routers.cascade import DEFAULT_GROUPS, CascadeRoutingPolicy
+from training.routers.finerouter import evaluation_fit
 
 
 def log_loss(policy: CascadeRoutingPolicy, held_out: TrainingSet, seed: int) -> float:
@@ -45,10 +46,13 @@ def main() -> None:
     rows = training_rows(table)
     answers = AnswerFacts.of(table.responses, embed_answers(table.responses)).subset(rows)
     data = TrainingSet(table.subset(rows), embed_texts(table.prompts)[rows], answers)
-    variants = {"all": FEATURE_GROUPS, **{f"no_{g}": tuple(x for x in FEATURE_GROUPS if x != g) for g in FEATURE_GROUPS}}
+    variants = {"all": FEATURE_GROUPS, **{f"no_{g}": tuple(x for x in FEATURE_GROUPS if x != g) for g in FEATURE_GROUPS},
+                "kept": DEFAULT_GROUPS}
     results = {name: ([], []) for name in variants}
+    routed = []
     for seed in range(args.seeds):
         development, held_out = data.validation_split(seed + 1000)
+        routed.append(validation_score(ArtifactRouter(evaluation_fit(development, seed)), development, held_out))
         for name, groups in variants.items():
             policy = CascadeRoutingPolicy(development, seed, groups)  # FineRouter is fitted once per seed and shared
             results[name][0].append(curve_aiq(policy.trace(held_out), held_out.table.costs))
@@ -57,6 +61,7 @@ def main() -> None:
     print(f"| features ({args.dataset}, held-out slice of train) | cascade AIQ, mean ± std over {args.seeds} seeds "
           "| paired AIQ difference from all | post-hoc log loss | paired log-loss difference from all |")
     print("|---|---|---|---|---|")
+    print(f"| route only (FineRouter) | {np.mean(routed):.4f} ± {np.std(routed):.4f} | | | |")
     base_aiq, base_loss = (np.array(v) for v in results["all"])
     for name, (aiqs, losses) in results.items():
         aiqs, losses = np.array(aiqs), np.array(losses)
