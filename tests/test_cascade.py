@@ -125,4 +125,4 @@ def test_harness_runs_the_cascades_beside_the_routers_and_says_when_there_are_no
     plain = evaluate(replace(table, responses=None), data.embeddings, "standard", routers=routers, seeds=(0,), bootstrap_samples=0, progress=False)
     assert list(plain["routers"]) == ["zero_router", "finerouter", "cascade"]
     assert plain["routers"]["cascade"]["aiq"] == pytest.approx(plain["routers"]["finerouter"]["aiq"])
-    assert "reduces to routing" in markdown_table(plain)
+    assert "reduce to routing" in markdown_table(plain)

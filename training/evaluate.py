@@ -176,11 +176,12 @@ def evaluate(
     """Run every router on every fold of `protocol`; return the report (see README, "Evaluation").
     `answer_embeddings` [N, M, D] (`training.answers.embed_answers`) lets the cascades judge the table's
     recorded answers; without them, or without answers, the cascades reduce to routing (the report says so)."""
-    routers = routers or [*REFERENCE_ROUTERS, *LEARNED_ROUTERS]
     answers = None
     if table.responses is not None and answer_embeddings is not None:
         answers = AnswerFacts.of(table.responses, answer_embeddings)
-    elif any(r in CASCADE_ROUTERS for r in routers):
+    if routers is None:  # by default, cascades only where there are answers to judge
+        routers = [*REFERENCE_ROUTERS, *(r for r in LEARNED_ROUTERS if answers is not None or r not in CASCADE_ROUTERS)]
+    elif answers is None:
         routers = [r for r in routers if r not in ANSWERS_ONLY]
     fold_list = folds(table, protocol)
     steps = len(fold_list) * sum(1 if r in REFERENCE_ROUTERS else len(seeds) for r in routers)
@@ -190,9 +191,9 @@ def evaluate(
     pooled_test = _pooled_test(results)
     pooled = {name: _pooled(results, name) for name in routers}
     report = {"dataset": table.name, "protocol": protocol, "models": table.models, "routers": {}}
-    if answers is None and "cascade" in routers:
-        report["note"] = ("no recorded answers: `cascade` reduces to routing on FineRouter's estimates "
-                          "(the same curve as `finerouter`), and the fixed-chain cascades do not apply")
+    if answers is None:
+        report["note"] = ("no recorded answers: cascades reduce to routing (`cascade`, where asked for, is routing on "
+                          "FineRouter's estimates, the same curve as `finerouter`) and the fixed-chain cascades do not apply")
     breakdown_key = "per_benchmark" if protocol == "lobo" else "per_fold"
     for name in routers:
         per_fold = {r.name: figures(r.curves[name], r.test) for r in results}
