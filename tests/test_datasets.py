@@ -42,6 +42,18 @@ def test_routerbench_drops_empty_scores_and_keeps_the_question(shared_data):
     assert table.scores[test].mean(axis=0).max() == pytest.approx(0.879, abs=0.002)
 
 
+def test_routerbench_answers_belong_to_their_rows(shared_data):
+    """On ARC every model that scored 1 gave the same letter: a response matched to the wrong row would not."""
+    table = load_dataset("routerbench_partial", shared_data)
+    assert table.responses.shape == table.scores.shape and table.responses.dtype == object
+    arc = np.flatnonzero(table.benchmarks == "arc-challenge")
+    for row in arc:
+        right = {table.responses[row, j].strip()[:1] for j in np.flatnonzero(table.scores[row] == 1)}
+        assert len(right) <= 1, (table.prompt_ids[row], right)
+    kept = table.subset(arc[:10])
+    assert kept.responses.tolist() == table.responses[arc[:10]].tolist()
+
+
 def test_routerbench_question_is_the_final_block():
     field = repr(["Q1?\nA) x\nAnswer:\nA\n\nQ2?\nA) y\nAnswer:"])
     assert routerbench_question(field) == "Q2?\nA) y\nAnswer:"
@@ -100,6 +112,13 @@ def test_user_jsonl_loads(tmp_path):
     assert table.scores.tolist() == [[1.0, 0.0], [0.7, 0.4]] and table.has_costs
 
 
+def test_user_dataset_without_responses_has_none_and_with_them_keeps_them(tmp_path):
+    assert load_user_dataset(_write_jsonl(tmp_path / "plain.jsonl", GOOD)).responses is None
+    answered = [{**row, "responses": {"a": f"answer a{i}", "b": f"answer b{i}"}} for i, row in enumerate(GOOD)]
+    table = load_user_dataset(_write_jsonl(tmp_path / "answered.jsonl", answered))
+    assert table.responses.tolist() == [["answer a0", "answer b0"], ["answer a1", "answer b1"]]
+
+
 def test_user_parquet_loads(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -108,6 +127,9 @@ def test_user_parquet_loads(tmp_path):
     pq.write_table(pa.Table.from_pylist(GOOD), path)
     table = load_user_dataset(path)
     assert table.models == ["a", "b"] and table.costs[1, 0] == pytest.approx(0.003)
+    answered = [{**row, "responses": {"a": "A", "b": "B"}} for row in GOOD]
+    pq.write_table(pa.Table.from_pylist(answered), path)
+    assert load_user_dataset(path).responses.tolist() == [["A", "B"], ["A", "B"]]
 
 
 def test_user_dataset_without_split_gets_a_seeded_split(tmp_path):
@@ -126,6 +148,7 @@ def test_user_dataset_without_split_gets_a_seeded_split(tmp_path):
         ({"prompt": "x", "scores": {"a": "high", "b": 0}}, r"row 2: column 'scores', model 'a': expected a finite number"),
         ({"prompt": "x", "scores": {"a": 1, "b": 0}, "costs": {"a": -1, "b": 0}}, r"row 2: column 'costs', model 'a'"),
         ({"prompt": "x", "scores": {"a": 1, "b": 0}, "split": "dev"}, r"row 2: column 'split': expected 'train' or 'test'"),
+        ({"prompt": "x", "scores": {"a": 1, "b": 0}, "responses": {"a": "yes"}}, r"row 2: column 'responses': on some rows and not others"),
     ],
 )
 def test_user_dataset_rejects_bad_rows_naming_file_row_and_column(tmp_path, bad_row, message):
@@ -145,3 +168,12 @@ def test_user_dataset_rejects_broken_json_and_unknown_formats(tmp_path):
     bad_parquet.write_bytes(b"not parquet")
     with pytest.raises(DatasetError, match="broken.parquet: not a readable Parquet file"):
         load_user_dataset(bad_parquet)
+
+
+def test_user_dataset_responses_must_name_the_scored_models_and_be_text(tmp_path):
+    rows = [{**GOOD[0], "responses": {"a": "A", "b": "B"}}, {**GOOD[1], "responses": {"a": "A", "c": "C"}}]
+    with pytest.raises(DatasetError, match="row 2: column 'responses': expected an object with the same models"):
+        load_user_dataset(_write_jsonl(tmp_path / "mine.jsonl", rows))
+    rows[1]["responses"] = {"a": "A", "b": 3}
+    with pytest.raises(DatasetError, match="row 2: column 'responses': every answer must be a string"):
+        load_user_dataset(_write_jsonl(tmp_path / "mine.jsonl", rows))

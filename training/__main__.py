@@ -32,6 +32,13 @@ def _load(args):
     return table, embeddings
 
 
+def _answer_embeddings(args, table):
+    """The recorded answers' embeddings (cached like the prompts'), None where the dataset has no answers."""
+    from training.answers import embed_answers
+
+    return None if table.responses is None else embed_answers(table.responses, args.embedder)
+
+
 def _fit(args, table, embeddings) -> None:
     """Train on every training row (all rows but the dataset's own test and ood rows, less a seeded
     `--holdout` fraction when asked), save the artifact."""
@@ -79,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table, embeddings = _load(args)
         if args.command == "embed":
-            print(f"{args.dataset}: {embeddings.shape[0]} prompts embedded, dimension {embeddings.shape[1]}")
+            answered = _answer_embeddings(args, table)
+            print(f"{args.dataset}: {embeddings.shape[0]} prompts embedded, dimension {embeddings.shape[1]}"
+                  + ("" if answered is None else f"; {answered.shape[0]} x {answered.shape[1]} answers embedded"))
         elif args.command == "fit":
             _fit(args, table, embeddings)
         elif args.command == "evaluate":
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             from training.evaluate import markdown_table, write_report
 
             report = run_evaluation(
-                table, embeddings, args.protocol, routers=args.routers, seeds=tuple(range(args.seeds)), bootstrap_samples=args.bootstrap
+                table, embeddings, args.protocol, routers=args.routers, seeds=tuple(range(args.seeds)), bootstrap_samples=args.bootstrap,
+                answer_embeddings=_answer_embeddings(args, table),
             )
             write_report(report, args.out)
             print(markdown_table(report))

@@ -47,14 +47,15 @@ class RoutingTable:
     costs: np.ndarray  # [N, M] float, USD per query
     prompt_tokens: np.ndarray | None = None  # [N] int, where known
     prices: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> USD per 1M (in, out)
+    responses: np.ndarray | None = None  # [N, M] object (str), each model's recorded answer, where the data has them
 
     def __post_init__(self) -> None:
         n, m = len(self.prompts), len(self.models)
         for name in ("prompt_ids", "benchmarks", "splits"):
             if len(getattr(self, name)) != n:
                 raise DatasetError(f"{self.name}: {name} has {len(getattr(self, name))} rows, prompts {n}")
-        for name in ("scores", "costs"):
-            if getattr(self, name).shape != (n, m):
+        for name in ("scores", "costs", "responses"):
+            if getattr(self, name) is not None and getattr(self, name).shape != (n, m):
                 raise DatasetError(f"{self.name}: {name} has shape {getattr(self, name).shape}, want {(n, m)}")
 
     def __len__(self) -> int:
@@ -78,6 +79,7 @@ class RoutingTable:
             scores=self.scores[rows],
             costs=self.costs[rows],
             prompt_tokens=None if self.prompt_tokens is None else self.prompt_tokens[rows],
+            responses=None if self.responses is None else self.responses[rows],
         )
 
 
@@ -137,7 +139,7 @@ def drop_train_overlaps(table: RoutingTable) -> RoutingTable:
     return table.subset(keep)
 
 
-def _build(name, models, ids, prompts, benchmarks, splits, scores, embedder, costs=None, prices=None, output_tokens=None):
+def _build(name, models, ids, prompts, benchmarks, splits, scores, embedder, costs=None, prices=None, output_tokens=None, responses=None):
     """Assemble a table; prompt tokens are counted with the embedder's tokenizer, as serving counts them, and
     where `costs` is None they are priced from those counts."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -156,8 +158,17 @@ def _build(name, models, ids, prompts, benchmarks, splits, scores, embedder, cos
         costs=np.asarray(costs, dtype=np.float64),
         prompt_tokens=tokens,
         prices=dict(prices or {}),
+        responses=None if responses is None else _object_array(responses),
     )
     return drop_train_overlaps(table)
+
+
+def _object_array(rows: list[list[str]]) -> np.ndarray:
+    """[N, M] object array of strings (np.asarray would make a fixed-width unicode array)."""
+    array = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+    for i, row in enumerate(rows):
+        array[i, :] = row
+    return array
 
 
 def load_llmrouter(root: Path, embedder: str) -> RoutingTable:
@@ -187,13 +198,50 @@ def routerbench_question(prompt_field: str) -> str:
     return text.strip().split("\n\n")[-1].strip()
 
 
+def routerbench_response(field: str) -> str:
+    """A recorded answer: RouterBench stores each response as the string form of a list of parts."""
+    parts = ast.literal_eval(field)
+    return "".join(parts) if isinstance(parts, list) else str(parts)
+
+
+def _routerbench_responses(folder: Path, rows: list[dict[str, str]], models: list[str]) -> list[list[str]] | None:
+    """Each compact row's responses from `raw/`, matched by (split, sample_id) and, for the few ids that occur
+    twice in one split, by the order of occurrence (the compact file is the raw files concatenated). None
+    where `raw/` is absent: the table then routes without answers."""
+    raw_files = sorted((folder / "raw").glob("*.csv.gz"))
+    if not raw_files:
+        return None
+    by_key: dict[tuple[str, str], list[list[str]]] = {}
+    for path in raw_files:
+        split = path.name.removesuffix(".csv.gz").rsplit("_", 1)[1]
+        with _parsing(path):
+            for raw in _read_csv(path):
+                raw_answers = [routerbench_response(raw[f"{m}|model_response"]) for m in models]
+                by_key.setdefault((split, raw["sample_id"]), []).append(raw_answers)
+    seen: dict[tuple[str, str], int] = {}
+    responses = []
+    for row in rows:
+        key = (row["split"], row["sample_id"])
+        occurrence = seen[key] = seen.get(key, -1) + 1
+        matches = by_key.get(key, [])
+        if occurrence >= len(matches):
+            raise DatasetError(f"{folder / 'raw'}: no recorded responses for {key[1]} ({key[0]})")
+        responses.append(matches[occurrence])
+    return responses
+
+
 def load_routerbench(root: Path, embedder: str) -> RoutingTable:
-    """RouterBench 0-shot subset (ARC-C, MBPP, Winogrande), 11 models, real USD cost per query."""
-    path = root / "routerbench_partial" / "routerbench_partial_compact.csv.gz"
+    """RouterBench 0-shot subset (ARC-C, MBPP, Winogrande), 11 models, real USD cost per query, and each
+    model's recorded answer (from `raw/`)."""
+    folder = root / "routerbench_partial"
+    path = folder / "routerbench_partial_compact.csv.gz"
     rows = _read_csv(path)
     with _parsing(path):
         models = [c for c in rows[0] if "|" not in c and c not in {"split", "sample_id", "eval_name", "prompt", "oracle_model_to_route_to"}]
-        rows = [r for r in rows if all(r[m].strip() for m in models)]
+    matched = _routerbench_responses(folder, rows, models)
+    with _parsing(path):
+        kept = [i for i, r in enumerate(rows) if all(r[m].strip() for m in models)]
+        rows, responses = [rows[i] for i in kept], None if matched is None else [matched[i] for i in kept]
         columns = dict(
             ids=[r["sample_id"] for r in rows],
             prompts=[routerbench_question(r["prompt"]) for r in rows],
@@ -202,7 +250,7 @@ def load_routerbench(root: Path, embedder: str) -> RoutingTable:
             scores=[[float(r[m]) for m in models] for r in rows],
             costs=[[float(r[f"{m}|total_cost"]) for m in models] for r in rows],
         )
-    return _build("routerbench_partial", models, **columns, embedder=embedder)
+    return _build("routerbench_partial", models, **columns, embedder=embedder, responses=responses)
 
 
 _ROUTERDC_FILE = re.compile(r"^(?P<bench>.+?)(?:[_-](?P<split>train|test))?\.json\.gz$")
@@ -319,6 +367,8 @@ def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> Rou
     - `costs` (object model -> USD per query, optional; where absent every model costs 0: quality-only)
     - `benchmark` (string, optional, default "user"), `split` ("train" or "test", optional: without it the
       protocols make a seeded split), `id` (string, optional)
+    - `responses` (object model -> answer text, optional; on every row or none, with the models of 'scores'):
+      the answers that answer-aware cascades judge
     """
     path = Path(path)
     if path.suffix == ".parquet":
@@ -331,7 +381,7 @@ def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> Rou
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
         for record in records:  # Parquet map columns arrive as lists of (key, value) pairs
-            for column in ("scores", "costs"):
+            for column in ("scores", "costs", "responses"):
                 if isinstance(record.get(column), list):
                     record[column] = dict(record[column])
     elif path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")):
@@ -342,7 +392,8 @@ def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> Rou
         raise DatasetError(f"{path}: no rows")
 
     models = list(records[0].get("scores") or {})
-    ids, prompts, benchmarks, splits, scores, costs = [], [], [], [], [], []
+    with_responses = records[0].get("responses") is not None
+    ids, prompts, benchmarks, splits, scores, costs, responses = [], [], [], [], [], [], []
     for number, record in enumerate(records, start=1):
         where = f"{path}: row {number}"
         prompt = record.get("prompt")
@@ -362,6 +413,15 @@ def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> Rou
             raise DatasetError(f"{where}: column 'costs': expected an object with the same models as 'scores'")
         else:
             costs.append([_check_number(row_costs[m], f"{where}: column 'costs', model {m!r}", low=0, high=math.inf) for m in models])
+        row_responses = record.get("responses")
+        if (row_responses is not None) != with_responses:
+            raise DatasetError(f"{where}: column 'responses': on some rows and not others (row 1 {'has' if with_responses else 'lacks'} it)")
+        if with_responses:
+            if not isinstance(row_responses, dict) or set(row_responses) != set(models):
+                raise DatasetError(f"{where}: column 'responses': expected an object with the same models as 'scores'")
+            if not all(isinstance(row_responses[m], str) for m in models):
+                raise DatasetError(f"{where}: column 'responses': every answer must be a string")
+            responses.append([row_responses[m] for m in models])
         split = record.get("split") or "train"
         if split not in ("train", "test"):
             raise DatasetError(f"{where}: column 'split': expected 'train' or 'test', got {split!r}")
@@ -369,7 +429,8 @@ def load_user_dataset(path: Path | str, embedder: str = DEFAULT_EMBEDDER) -> Rou
         benchmarks.append(str(record.get("benchmark") or "user"))
         ids.append(str(record.get("id") or number))
         prompts.append(prompt)
-    return _build(path.stem, models, ids, prompts, benchmarks, splits, scores, embedder, costs=costs)
+    return _build(path.stem, models, ids, prompts, benchmarks, splits, scores, embedder, costs=costs,
+                  responses=responses if with_responses else None)
 
 
 def load_dataset(name_or_path: str, root: Path | None = None, embedder: str = DEFAULT_EMBEDDER) -> RoutingTable:

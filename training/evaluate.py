@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from training.answers import AnswerFacts
 from training.datasets import RoutingTable
 from training.metrics import (
     bootstrap_gain,
@@ -26,11 +27,16 @@ from training.metrics import (
 from training.protocols import folds
 from training.routers.base import TrainingSet
 from training.routers.baselines import BASELINE_ROUTERS
+from training.routers.cascade import CASCADE_ROUTERS
 from training.routers.finerouter import FINEROUTER_VARIANTS
 
 Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
 SEEDS = 3  # seeds per learned router: 0, 1, 2
-LEARNED_ROUTERS = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS}
+# Without recorded answers a cascade has nothing to judge: `cascade` reduces to routing on its ex-ante
+# estimates (FineRouter's), and the fixed-chain cascades do not apply.
+ROUTE_ONLY = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS, "cascade": FINEROUTER_VARIANTS["finerouter"]}
+LEARNED_ROUTERS = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS, **CASCADE_ROUTERS}
+ANSWERS_ONLY = ("agreement_cascade", "frugal_cascade")
 
 
 def _fixed_choice(table: RoutingTable, model: int) -> Curve:
@@ -113,10 +119,10 @@ def _std(values):
     return None if any(v is None for v in values) else float(np.std(values))
 
 
-def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick) -> FoldResult:
-    train = TrainingSet(table.subset(fold.train), embeddings[fold.train])
-    test = table.subset(fold.test)
-    test_embeddings = embeddings[fold.test]
+def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick, answers: AnswerFacts | None = None) -> FoldResult:
+    whole = TrainingSet(table, embeddings, answers)
+    train, test_set = whole.subset(fold.train), whole.subset(fold.test)
+    test, test_embeddings = test_set.table, test_set.embeddings
     estimated = train.cost_model.estimate(test.prompt_tokens)
     curves: dict[str, list[Curve]] = {}
     for name in routers:
@@ -126,8 +132,11 @@ def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[st
             continue
         curves[name] = []
         for seed in seeds:
-            quality = LEARNED_ROUTERS[name](train, seed).predict_quality(test_embeddings, test.prompts)
-            curves[name].append(trace_curve(quality, estimated, test.scores, test.costs, train.cost_scale))
+            if name in CASCADE_ROUTERS and answers is not None:
+                curves[name].append(CASCADE_ROUTERS[name](train, seed).trace(test_set))
+            else:
+                quality = ROUTE_ONLY[name](train, seed).predict_quality(test_embeddings, test.prompts)
+                curves[name].append(trace_curve(quality, estimated, test.scores, test.costs, train.cost_scale))
             tick()
     return FoldResult(fold.name, test, curves)
 
@@ -162,17 +171,29 @@ def evaluate(
     seeds=tuple(range(SEEDS)),
     bootstrap_samples: int = 1000,
     progress: bool = True,
+    answer_embeddings: np.ndarray | None = None,
 ) -> dict:
-    """Run every router on every fold of `protocol`; return the report (see README, "Evaluation")."""
-    routers = routers or [*REFERENCE_ROUTERS, *LEARNED_ROUTERS]
+    """Run every router on every fold of `protocol`; return the report (see README, "Evaluation").
+    `answer_embeddings` [N, M, D] (`training.answers.embed_answers`) lets the cascades judge the table's
+    recorded answers; without them, or without answers, the cascades reduce to routing (the report says so)."""
+    answers = None
+    if table.responses is not None and answer_embeddings is not None:
+        answers = AnswerFacts.of(table.responses, answer_embeddings)
+    if routers is None:  # by default, cascades only where there are answers to judge
+        routers = [*REFERENCE_ROUTERS, *(r for r in LEARNED_ROUTERS if answers is not None or r not in CASCADE_ROUTERS)]
+    elif answers is None:
+        routers = [r for r in routers if r not in ANSWERS_ONLY]
     fold_list = folds(table, protocol)
     steps = len(fold_list) * sum(1 if r in REFERENCE_ROUTERS else len(seeds) for r in routers)
     with tqdm(total=steps, desc=f"{table.name}/{protocol}", disable=not progress) as bar:
-        results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update()) for fold in fold_list]
+        results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update(), answers) for fold in fold_list]
 
     pooled_test = _pooled_test(results)
     pooled = {name: _pooled(results, name) for name in routers}
     report = {"dataset": table.name, "protocol": protocol, "models": table.models, "routers": {}}
+    if answers is None:
+        report["note"] = ("no recorded answers: cascades reduce to routing (`cascade`, where asked for, is routing on "
+                          "FineRouter's estimates, the same curve as `finerouter`) and the fixed-chain cascades do not apply")
     breakdown_key = "per_benchmark" if protocol == "lobo" else "per_fold"
     for name in routers:
         per_fold = {r.name: figures(r.curves[name], r.test) for r in results}
@@ -199,7 +220,8 @@ def evaluate(
 
 def _add_bootstrap_gains(report: dict, pooled: dict[str, Curve], test: RoutingTable, samples: int) -> None:
     """Paired bootstrap 95% intervals of each learned router's AIQ gain over the zero router, over the prior (the
-    "no routing" curve without hindsight) and over the best other baseline (by mean AIQ)."""
+    "no routing" curve without hindsight), over the best other baseline and over the best other learned router
+    (by mean AIQ)."""
     aiqs = {name: entry["aiq"] for name, entry in report["routers"].items()}
     for name in pooled:
         if name in REFERENCE_ROUTERS:
@@ -212,6 +234,10 @@ def _add_bootstrap_gains(report: dict, pooled: dict[str, Curve], test: RoutingTa
         if others:
             rival = max(others, key=lambda b: aiqs[b])
             entry["gain_vs_best_baseline"] = {"baseline": rival, **bootstrap_gain(pooled[name], pooled[rival], test.costs.T, samples=samples)}
+        learned = [r for r in pooled if r not in REFERENCE_ROUTERS and r != name and aiqs.get(r) is not None]
+        if learned:  # every learned router, cascades and FineRouter included: what a headline claim must beat
+            rival = max(learned, key=lambda r: aiqs[r])
+            entry["gain_vs_best_other"] = {"router": rival, **bootstrap_gain(pooled[name], pooled[rival], test.costs.T, samples=samples)}
 
 
 def _cell(value, digits=3):
@@ -221,16 +247,20 @@ def _cell(value, digits=3):
 def markdown_table(report: dict) -> str:
     lines = [
         f"Dataset `{report['dataset']}`, protocol `{report['protocol']}`.",
+        *([f"Note: {report['note']}."] if "note" in report else []),
         "",
-        "| router | AIQ | ± seeds | best quality | benchmark-averaged quality | cost to reach best single | AIQ gain vs prior [95% CI] | AIQ gain vs best baseline [95% CI] |",
-        "|---|---|---|---|---|---|---|---|",
+        "| router | AIQ | ± seeds | best quality | benchmark-averaged quality | cost to reach best single | AIQ gain vs prior [95% CI] "
+        "| AIQ gain vs best baseline [95% CI] | AIQ gain vs best other learned router [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def gain(g, rival_key=None):
+        return f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" + (f" vs {g[rival_key]}" if rival_key else "") if g else ""
+
     for name, e in report["routers"].items():
-        prior, rival = e.get("gain_vs_prior"), e.get("gain_vs_best_baseline")
-        prior_text = f"{prior['mean']:+.3f} [{prior['low']:+.3f}, {prior['high']:+.3f}]" if prior else ""
-        rival_text = f"{rival['mean']:+.3f} [{rival['low']:+.3f}, {rival['high']:+.3f}] vs {rival['baseline']}" if rival else ""
         lines.append(f"| {name} | {_cell(e['aiq'])} | {_cell(e['aiq_std'])} | {_cell(e['best_quality'])} | {_cell(e['macro_quality'])} | "
-                     f"{_cell(e['cost_to_reach_best_single'], 2)} | {prior_text} | {rival_text} |")
+                     f"{_cell(e['cost_to_reach_best_single'], 2)} | {gain(e.get('gain_vs_prior'))} | "
+                     f"{gain(e.get('gain_vs_best_baseline'), 'baseline')} | {gain(e.get('gain_vs_best_other'), 'router')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -241,7 +271,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
-    styles = {"oracle": dict(linestyle="--"), "zero_router": dict(linestyle=":", color="grey")}
+    styles = {"oracle": dict(linestyle="--"), "zero_router": dict(linestyle=":", color="grey"),
+              **{name: dict(linestyle="-.") for name in CASCADE_ROUTERS}}
     for name, curve in report["curves"].items():
         hull_cost, hull_quality = frontier(np.array(curve["cost"]), np.array(curve["quality"]))
         axes.plot(hull_cost, hull_quality, marker=".", label=name, **styles.get(name, {}))

@@ -17,16 +17,19 @@ import numpy as np
 
 from serve.artifact import RouterArtifact
 from serve.decision import CostModel
+from training.answers import AnswerFacts
 from training.datasets import RoutingTable
 from training.metrics import curve_aiq, trace_curve
 
 
 @dataclass(eq=False)  # hashed by identity, so fitted routers can be cached per training set
 class TrainingSet:
-    """A routing table's training rows with their prompt embeddings."""
+    """A routing table's training rows with their prompt embeddings, and what their recorded answers say
+    where the table has answers (the cascades need them)."""
 
     table: RoutingTable
     embeddings: np.ndarray
+    answers: AnswerFacts | None = None
 
     @cached_property
     def cost_model(self) -> CostModel:
@@ -38,7 +41,7 @@ class TrainingSet:
         return float(self.table.costs.mean(axis=0).max()) or 1.0
 
     def subset(self, rows: np.ndarray) -> TrainingSet:
-        return TrainingSet(self.table.subset(rows), self.embeddings[rows])
+        return TrainingSet(self.table.subset(rows), self.embeddings[rows], None if self.answers is None else self.answers.subset(rows))
 
     def validation_split(self, seed: int, fraction: float = 0.2) -> tuple[TrainingSet, TrainingSet]:
         """A seeded (fit, validation) split that keeps duplicate prompts on one side."""

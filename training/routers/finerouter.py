@@ -13,7 +13,7 @@ from training.routers.base import ArtifactRouter, Router, TrainingSet
 _fitted: weakref.WeakKeyDictionary[TrainingSet, dict] = weakref.WeakKeyDictionary()
 
 
-def _evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) -> RouterArtifact:
+def evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) -> RouterArtifact:
     cache = _fitted.setdefault(data, {})
     key = (seed, semantic_only)
     if key not in cache:
@@ -24,8 +24,8 @@ def _evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) -
 
 # name -> builder(training set, seed) -> router.
 FINEROUTER_VARIANTS: dict[str, Callable[[TrainingSet, int], Router]] = {
-    "finerouter": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed)),
-    "finerouter_stage1": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(0.0)),
-    "finerouter_stage2": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed).with_blend(1.0)),
-    "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(_evaluation_fit(data, seed, semantic_only=True)),
+    "finerouter": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed)),
+    "finerouter_stage1": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(0.0)),
+    "finerouter_stage2": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(1.0)),
+    "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed, semantic_only=True)),
 }
