@@ -6,7 +6,10 @@ would make every neighbour search hopeless, well separated clusters would make i
 a model pool whose solve rates depend on the cluster. Each (size, index) runs in a fresh process so that
 its peak RSS is its own. From the repository root:
 
-    python -m benchmarks.bench_graph --sizes 100000 1000000 [--indexes auto hnsw ivf]
+    python -m benchmarks.bench_graph --sizes 100000 1000000 [--indexes auto hnsw ivf] [--leiden leidenalg igraph]
+
+With several `--leiden` implementations, each runs on the same graph; the table gives each one's time and
+the modularity (at the resolution) of what it found, so speed is compared at equal quality.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 import faiss
 import numpy as np
 
-from training.graph import knn, leiden, resolve_index_kind, task_graph
+from training.graph import LEIDEN_IMPLEMENTATIONS, knn, leiden, resolve_index_kind, task_graph
 
 DOMAINS = 20
 DOMAIN_RANK = 24  # dimension of each domain's subspace, near the local intrinsic dimension of MiniLM prompts
@@ -90,10 +93,14 @@ def run_one(rows: int, index: str, args: argparse.Namespace) -> dict:
     recall = recall_at_k(embeddings, neighbours, args.k, args.recall_queries, args.seed)
     graph, graph_wall, _ = timed(task_graph, neighbours, similarities, scores, args.mix)
     del neighbours, similarities
-    labels, leiden_wall, leiden_cpu = timed(leiden, graph, args.resolution, args.seed)
+    communities = []
+    for implementation in args.leiden:
+        labels, leiden_wall, leiden_cpu = timed(leiden, graph, args.resolution, args.seed, implementation)
+        modularity = graph.modularity(labels.tolist(), weights="weight", resolution=args.resolution)
+        communities.append({"leiden": implementation, "leiden_wall": leiden_wall, "leiden_cpu": leiden_cpu,
+                            "communities": int(labels.max()) + 1, "modularity": modularity})
     return {"rows": rows, "index": resolve_index_kind(index, rows), "knn_wall": knn_wall, "knn_cpu": knn_cpu,
-            "recall": recall, "edges": graph.ecount(), "graph_wall": graph_wall, "leiden_wall": leiden_wall,
-            "leiden_cpu": leiden_cpu, "communities": int(labels.max()) + 1,
+            "recall": recall, "edges": graph.ecount(), "graph_wall": graph_wall, "leiden": communities,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -108,22 +115,24 @@ def main() -> None:
     parser.add_argument("--resolution", type=float, default=1.0)
     parser.add_argument("--recall-queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--leiden", nargs="+", default=["auto"], choices=LEIDEN_IMPLEMENTATIONS)
     args = parser.parse_args()
 
     print(f"{faiss.omp_get_max_threads()} faiss threads; k={args.k}, dim={args.dim}, clusters={args.clusters}, "
           f"mix={args.mix}, resolution={args.resolution}")
-    print("| prompts | index | kNN build+query s (CPU s) | recall@k | edges | graph s | Leiden s (CPU s) "
-          "| communities | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| prompts | index | kNN build+query s (CPU s) | recall@k | edges | graph s | Leiden | Leiden s (CPU s) "
+          "| communities | modularity | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     spawn = multiprocessing.get_context("spawn")
     for rows in args.sizes:
         for index in args.indexes:
             with spawn.Pool(1) as pool:  # a fresh process per run: ru_maxrss is a lifetime maximum
                 result = pool.apply(run_one, (rows, index, args))
-            print(f"| {result['rows']:,} | {result['index']} | {result['knn_wall']:.1f} ({result['knn_cpu']:.0f}) "
-                  f"| {result['recall']:.3f} | {result['edges']:,} | {result['graph_wall']:.1f} "
-                  f"| {result['leiden_wall']:.1f} ({result['leiden_cpu']:.0f}) "
-                  f"| {result['communities']:,} | {result['peak_rss_gib']:.2f} |", flush=True)
+            for found in result["leiden"]:
+                print(f"| {result['rows']:,} | {result['index']} | {result['knn_wall']:.1f} ({result['knn_cpu']:.0f}) "
+                      f"| {result['recall']:.3f} | {result['edges']:,} | {result['graph_wall']:.1f} | {found['leiden']} "
+                      f"| {found['leiden_wall']:.1f} ({found['leiden_cpu']:.0f}) | {found['communities']:,} "
+                      f"| {found['modularity']:.4f} | {result['peak_rss_gib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
