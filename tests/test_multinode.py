@@ -58,7 +58,8 @@ def test_ray_train_on_two_nodes_resumes_from_its_checkpoint_after_a_worker_is_ki
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoints, daemon=True)
     killer.start()
-    networks = train_with_ray(inputs, config, num_workers=2, placement_strategy="SPREAD", max_failures=2, storage_path=str(tmp_path))
+    networks = train_with_ray(inputs, config, num_workers=2, placement_strategy="SPREAD", max_failures=2, checkpoint_every=1,
+                              storage_path=str(tmp_path))
     killer.join(timeout=10)
     assert seen.get("killed") and len(seen["nodes"]) == 2  # one worker per node, and one of them died
     history = networks["history"]

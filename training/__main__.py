@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from serve.encoder import DEFAULT_EMBEDDER  # noqa: E402
 from training.evaluate import SEEDS  # noqa: E402
+from training.fit import FitConfig  # noqa: E402
 from training.protocols import PROTOCOLS  # noqa: E402
 
 
@@ -49,7 +50,8 @@ def _fit(args, table, embeddings) -> None:
     from training.routers.base import TrainingSet
 
     rows = training_rows(table, args.holdout, args.seed)
-    config = FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer)
+    config = FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
+                       checkpoint_every=args.checkpoint_every)
     artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), config)
     artifact.save(args.out)
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows")
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     fit.add_argument("--use-gpu", action="store_true", help="Ray Train workers on GPUs")
+    fit.add_argument("--checkpoint-every", type=int, default=FitConfig.checkpoint_every,
+                     help="Ray Train: epochs between checkpoints (a failed worker resumes from the latest)")
     fit.add_argument("--trainer", choices=["ray", "local"], default="ray", help="Ray Train's TorchTrainer, or the same loop in-process")
     fit.add_argument("--holdout", type=float, default=0.0,
                      help="hold out this seeded fraction of the training rows (default 0: train on every one)")

@@ -39,6 +39,7 @@ class FitConfig:
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (the same loop in-process)
     num_workers: int = 1
     use_gpu: bool = False
+    checkpoint_every: int = 5  # Ray Train: epochs between checkpoints
     seed: int = 0
 
 
@@ -107,7 +108,8 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     }
     network = replace(config.network, seed=config.seed)
     if config.trainer == "ray":
-        networks = train_with_ray(network_data, network, num_workers=config.num_workers, use_gpu=config.use_gpu)
+        networks = train_with_ray(network_data, network, num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                  checkpoint_every=config.checkpoint_every)
     else:
         networks = train_networks(network_data, network)
     history = networks["history"]

@@ -266,11 +266,12 @@ def _ray_train_loop(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"epoch": state["epoch"], "done": networks is not None}, checkpoint=checkpoint)
 
-    states = []
+    latest_state: list[dict] = []  # the last epoch's state, for the final checkpoint
 
     def checkpoint_epoch(state: dict) -> None:
-        states.append(state)
-        report(state)
+        latest_state[:] = [state]
+        if state["epoch"] % loop_config["checkpoint_every"] == 0:  # the same epochs on every rank: report is collective
+            report(state)
 
     networks = train_networks(
         data,
@@ -281,7 +282,7 @@ def _ray_train_loop(loop_config: dict) -> None:
         checkpoint=checkpoint_epoch,
         resume=resume,
     )
-    report(states[-1] if states else resume, networks)
+    report(latest_state[0] if latest_state else resume, networks)
 
 
 def _dataset(columns: dict[str, np.ndarray]):
@@ -295,10 +296,12 @@ def _dataset(columns: dict[str, np.ndarray]):
 
 
 def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, use_gpu: bool = False, max_failures: int = 3,
-                   placement_strategy: str = "PACK", storage_path: str | None = None) -> dict:
+                   checkpoint_every: int = 5, placement_strategy: str = "PACK", storage_path: str | None = None) -> dict:
     """Fit with Ray Train's TorchTrainer on Ray Data dataset shards: the training rows split evenly over
     `num_workers` workers (equal shards, as DDP's all-reduce needs), the validation rows whole on each. A
-    failed worker restarts the group from the last epoch's checkpoint, up to `max_failures` times.
+    checkpoint is written every `checkpoint_every` epochs (each one costs a write to `storage_path`: on small
+    data more than the epoch itself), and a failed worker restarts the group from the latest one, up to
+    `max_failures` times.
     `storage_path` (checkpoints) must be reachable from every node on a cluster: a shared file system or
     object storage."""
     import ray.train
@@ -310,7 +313,8 @@ def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, u
         datasets["validation"] = _dataset({"inputs": data["validation_inputs"], "scores": data["validation_scores"]})
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"candidates": data["candidates"], "network": asdict(config), "has_validation": "validation" in datasets},
+        train_loop_config={"candidates": data["candidates"], "network": asdict(config), "has_validation": "validation" in datasets,
+                           "checkpoint_every": checkpoint_every},
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy),
