@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from training.datasets import load_dataset
 from serve.encoder import DEFAULT_EMBEDDER, encode, load_encoder
+from training.datasets import load_dataset
 
 
 def prompts_per_second(encoder, texts: list[str], call_size: int, batch_size: int) -> float:

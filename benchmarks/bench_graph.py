@@ -22,7 +22,13 @@ import time
 import faiss
 import numpy as np
 
-from training.graph import LEIDEN_IMPLEMENTATIONS, knn, leiden, resolve_index_kind, task_graph
+from training.graph import (
+    LEIDEN_IMPLEMENTATIONS,
+    knn,
+    leiden,
+    resolve_index_kind,
+    task_graph,
+)
 
 DOMAINS = 20
 DOMAIN_RANK = 24  # dimension of each domain's subspace, near the local intrinsic dimension of MiniLM prompts

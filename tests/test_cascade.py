@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from conftest import synthetic_routing_set
 
-from training.answers import AnswerFacts, agreement, choice_letter, code_of, is_refusal, parses_as_python
+from training.answers import (
+    AnswerFacts,
+    agreement,
+    choice_letter,
+    code_of,
+    is_refusal,
+    parses_as_python,
+)
 from training.posthoc import FEATURE_GROUPS, PostHocEstimator, fit_logistic
 from training.routers.base import TrainingSet
 from training.routers.cascade import agreement_outcome, frugal_outcome, run_cascade

@@ -10,7 +10,7 @@ from conftest import synthetic_routing_set
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import gpu_check  # noqa: E402
+import gpu_check
 
 
 def test_the_shell_wrapper_parses():

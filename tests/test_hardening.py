@@ -461,7 +461,7 @@ def test_a_backend_replica_killed_mid_request_loses_no_request(api, none_cooling
         assert response.status_code == 200, response.text
         assert response.json()["model"] in {first, second}
     assert any(response.json()["model"] == second for response in responses)  # those in flight on the dead replica
-    restarted = lambda: api.post("/v1/chat/completions", json={"model": first, "messages": QUESTION}).status_code == 200  # noqa: E731
+    restarted = lambda: api.post("/v1/chat/completions", json={"model": first, "messages": QUESTION}).status_code == 200
     wait_for(restarted, f"a new {first} replica answering", limit_s=90)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve.encoder import DEFAULT_EMBEDDER  # noqa: E402
-from training.evaluate import SEEDS  # noqa: E402
-from training.fit import FitConfig  # noqa: E402
-from training.protocols import PROTOCOLS  # noqa: E402
+from serve.encoder import DEFAULT_EMBEDDER
+from training.evaluate import SEEDS
+from training.fit import FitConfig
+from training.protocols import PROTOCOLS
 
 
 def _dataset_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,13 @@ from serve.encoder import DEFAULT_EMBEDDER
 from serve.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
 from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
-from training.routers.base import ArtifactRouter, Router, TrainingSet, inner_product_index, validation_score
+from training.routers.base import (
+    ArtifactRouter,
+    Router,
+    TrainingSet,
+    inner_product_index,
+    validation_score,
+)
 
 
 @dataclass

@@ -79,7 +79,7 @@ def _context_features(facts: AnswerFacts, agree: np.ndarray, seen: np.ndarray, e
     the mean agreement with the seen answers of models stronger, and of models no stronger, by ex-ante quality
     (a strong model that disagrees says more than a weak one: cheap models share their mistakes), where both
     answers name a choice letter and, with `text`, elsewhere (embedding cosine); each with an indicator."""
-    n, m = seen.shape
+    m = seen.shape[1]
     others = seen[:, None, :] & ~np.eye(m, dtype=bool)[None]  # [N, M (judged), M (seen)]
     named = np.not_equal(facts.letters, None)
     letter_pair = named[:, :, None] & named[:, None, :]

@@ -16,7 +16,14 @@ import pyarrow as pa
 import serve.batch
 from serve.artifact import ArtifactError, RouterArtifact
 from serve.batch.answers import ANSWER_COLUMNS, Answerer
-from serve.batch.inputs import BatchInputError, Chunk, JobInput, check_input, chunks, read_chunk
+from serve.batch.inputs import (
+    BatchInputError,
+    Chunk,
+    JobInput,
+    check_input,
+    chunks,
+    read_chunk,
+)
 from serve.batch.output import RowRangeSink, prepare_output
 from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
 from serve.decision import PRESETS

@@ -190,7 +190,7 @@ class FrugalCascade:
 
     def __init__(self, data: TrainingSet, seed: int):
         self.policy = _cascade_policy(data, seed)
-        fit, self.calibration = data.validation_split(seed)
+        _, self.calibration = data.validation_split(seed)
         costs = data.table.costs.mean(axis=0)
         by_cost = [int(j) for j in np.argsort(costs)]
         self.policies = [((j,), ()) for j in range(len(costs))]
