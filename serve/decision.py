@@ -43,6 +43,14 @@ class CostModel:
         return np.asarray(prompt_tokens, float)[:, None] * self.per_token[None, :] + self.fixed[None, :]
 
 
+def _allowed(allowed: np.ndarray | None, n: int, m: int) -> np.ndarray:
+    """[N, M] the request's candidate list per prompt (every model when None); it must leave one model at least."""
+    ok = np.ones((n, m), bool) if allowed is None else np.broadcast_to(np.asarray(allowed, bool), (n, m))
+    if not ok.any(axis=1).all():
+        raise ValueError("allowed excludes every model of the pool")
+    return ok
+
+
 def rank_models(
     quality: np.ndarray,
     cost: np.ndarray,
@@ -62,9 +70,7 @@ def rank_models(
     """
     quality, cost = np.asarray(quality, float), np.asarray(cost, float)
     n, m = quality.shape
-    ok = np.ones((n, m), bool) if allowed is None else np.broadcast_to(np.asarray(allowed, bool), (n, m))
-    if not ok.any(axis=1).all():
-        raise ValueError("allowed excludes every model of the pool")
+    ok = _allowed(allowed, n, m)
     eligible = ok.copy()
     if cost_cap is not None:
         eligible &= cost <= cost_cap
@@ -152,9 +158,7 @@ def cascade_step(
     """
     quality, cost, ran = np.asarray(quality, float), np.asarray(cost, float), np.asarray(ran, bool)
     n, m = quality.shape
-    ok = np.ones((n, m), bool) if allowed is None else np.broadcast_to(np.asarray(allowed, bool), (n, m))
-    if not ok.any(axis=1).all():
-        raise ValueError("allowed excludes every model of the pool")
+    ok = _allowed(allowed, n, m)
     resolution = np.broadcast_to(np.clip(np.asarray(resolution, float), 0.0, 1.0), (n, m))
     members = _supermodels(m, max_depth)
     sizes = members.sum(axis=1)

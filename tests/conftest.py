@@ -15,6 +15,15 @@ from serve.settings import cache_dir, data_dir
 os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
 
 
+def free_port() -> int:
+    """A loopback TCP port no one listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_local_ray():
     """A Ray of the test session's own (never another process's cluster on this machine)."""
     import ray

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from conftest import synthetic_routing_set
+from conftest import free_port, synthetic_routing_set
 from hypothesis import HealthCheck, given, settings, strategies
 
 from training.fit import FitConfig, fit_router
@@ -138,12 +138,6 @@ def _serve_http(port=0):
     return server
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def upstream():
     server = _serve_http()
@@ -155,7 +149,7 @@ def upstream():
 @pytest.fixture(scope="module")
 def refused_port():
     """Where `small`'s backend points: nothing listens there until the cool-down test starts a server."""
-    port = _free_port()
+    port = free_port()
     yield port
 
 
@@ -177,7 +171,7 @@ def base_url(ray_session, tmp_path_factory, upstream, refused_port):
         "limits": LIMITS,
         "cooldown": COOLDOWN,
     }
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="hardened", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

@@ -7,7 +7,6 @@ fallback to the next model.
 
 import http.server
 import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import free_port
 from pydantic import ValidationError
 
 from serve.config import RouterAppConfig
@@ -196,12 +196,6 @@ def offline(artifact_path):
     return artifact, texts, embeddings, table.prompt_tokens[rows]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class _Failing(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         self.send_response(500)
@@ -235,7 +229,7 @@ def base_url(ray_session, artifact_path, failing_upstream, broken_model):
 
     from serve.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {broken_model: {"kind": "openai", "base_url": failing_upstream, "timeout_s": 10, "max_retries": 1}}
     never_cool = {"allowed_fails": 1000}  # every request routed to the broken model must show the fallback
