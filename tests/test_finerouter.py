@@ -175,11 +175,11 @@ def test_incomplete_and_mismatched_artifacts_are_refused(tmp_path, artifact):
 
 @pytest.mark.slow
 def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
-    from training.moe import train_with_ray
+    from training.moe import in_memory_datasets, train_with_ray
 
     inputs = stage2_data(data)
     config = NetworkConfig(epochs=2, task_epochs=1)
-    remote = train_with_ray(inputs, config, num_workers=1)
+    remote = train_with_ray(in_memory_datasets(inputs), inputs["candidates"], config, num_workers=1)
     local = train_networks(inputs, config)
     for name, tensor in local["moe"].items():
         np.testing.assert_allclose(remote["moe"][name].numpy(), tensor.numpy(), rtol=1e-5, atol=1e-6)

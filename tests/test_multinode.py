@@ -41,7 +41,7 @@ def _live_actors(class_name: str) -> list[dict]:
 
 
 def test_ray_train_on_two_nodes_resumes_from_its_checkpoint_after_a_worker_is_killed(cluster, tmp_path):
-    from training.moe import NetworkConfig, train_with_ray
+    from training.moe import NetworkConfig, in_memory_datasets, train_with_ray
 
     inputs = stage2_data(synthetic_routing_set())
     config = NetworkConfig(epochs=12, task_epochs=4)
@@ -58,7 +58,7 @@ def test_ray_train_on_two_nodes_resumes_from_its_checkpoint_after_a_worker_is_ki
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoints, daemon=True)
     killer.start()
-    networks = train_with_ray(inputs, config, num_workers=2, placement_strategy="SPREAD", max_failures=2, checkpoint_every=1,
+    networks = train_with_ray(in_memory_datasets(inputs), inputs["candidates"], config, num_workers=2, placement_strategy="SPREAD", max_failures=2, checkpoint_every=1,
                               storage_path=str(tmp_path))
     killer.join(timeout=10)
     assert seen.get("killed") and len(seen["nodes"]) == 2  # one worker per node, and one of them died

@@ -18,7 +18,7 @@ from serve.artifact import RouterArtifact, network_inputs
 from serve.encoder import DEFAULT_EMBEDDER
 from serve.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
-from training.moe import NetworkConfig, export_weights, train_networks, train_with_ray
+from training.moe import NetworkConfig, export_weights, in_memory_datasets, train_networks, train_with_ray
 from training.routers.base import (
     ArtifactRouter,
     Router,
@@ -91,6 +91,17 @@ def _choose_blend(artifact: RouterArtifact, fit: TrainingSet, validation: Traini
     return max(scores, key=scores.get), {str(a): s for a, s in scores.items()}
 
 
+def feature_scaling(features: np.ndarray, use_features: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) that standardise the prompt features; without features the networks see zeros."""
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    return mean, (std if use_features else np.full_like(std, np.inf))
+
+
+def task_candidates(table: np.ndarray, margin: float) -> np.ndarray:
+    """[T, M] 1 where a model is within `margin` of its task's best mean quality: the task heads' candidates."""
+    return (table >= table.max(axis=1, keepdims=True) - margin).astype(np.float32)
+
+
 def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) -> RouterArtifact:
     """Train FineRouter on `data` (every row is a training row) and return the artifact (not yet saved)."""
     started = time.perf_counter()
@@ -99,11 +110,8 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     log(f"stage 1: {stage1['tasks']} tasks (k={stage1['k']}, mix={stage1['mix']}, resolution={stage1['resolution']}), validation {stage1['validation_score']:.4f}")
 
     table = task_table(labels, fit.table.scores, config.shrinkage)
-    candidates = (table >= table.max(axis=1, keepdims=True) - config.candidate_margin).astype(np.float32)
-    features = prompt_features(fit.table.prompts)
-    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
-    if not config.prompt_features:
-        std = np.full_like(std, np.inf)  # standardised features become 0 in training and at inference
+    candidates = task_candidates(table, config.candidate_margin)
+    mean, std = feature_scaling(prompt_features(fit.table.prompts), config.prompt_features)
     network_data = {
         "inputs": network_inputs(fit.embeddings, fit.table.prompts, mean, std),
         "scores": fit.table.scores.astype(np.float32),
@@ -114,18 +122,30 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     }
     network = replace(config.network, seed=config.seed)
     if config.trainer == "ray":
-        networks = train_with_ray(network_data, network, num_workers=config.num_workers, use_gpu=config.use_gpu,
+        networks = train_with_ray(in_memory_datasets(network_data), candidates, network, num_workers=config.num_workers, use_gpu=config.use_gpu,
                                   checkpoint_every=config.checkpoint_every)
     else:
         networks = train_networks(network_data, network)
+    artifact = assemble_artifact(networks, table, (mean, std), data, fit, validation, config,
+                                 {"stage1": stage1, "stage1_trials": trials}, log)
+    log(f"fitted in {time.perf_counter() - started:.1f}s")
+    return artifact
+
+
+def assemble_artifact(networks: dict, table: np.ndarray, scaling: tuple[np.ndarray, np.ndarray], data: TrainingSet,
+                      fit: TrainingSet, validation: TrainingSet, config: FitConfig, selection: dict, log,
+                      training_rows: int | None = None) -> RouterArtifact:
+    """The artifact from trained networks and the task table; the blend chosen on the validation slice.
+
+    `data` names the dataset and carries the cost model (a streamed corpus passes its in-memory sample);
+    `training_rows` is how many rows trained it (default: all of `data`)."""
     history = networks["history"]
     log(f"stage 2: loss {history['phase1_loss'][0]:.4f} -> {history['phase1_loss'][-1]:.4f} (phase 1), {history['phase2_loss'][-1]:.4f} (phase 2)")
-
     cost_model = data.cost_model
     weights = {
         **export_weights(networks),
-        "feature_mean": mean,
-        "feature_std": std,
+        "feature_mean": scaling[0],
+        "feature_std": scaling[1],
         "task_quality": table.astype(np.float32),
         "blend": np.float32(1.0),
         "cost_per_token": cost_model.per_token,
@@ -138,17 +158,16 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "prices": {m: list(p) for m, p in data.table.prices.items()},
         "cost_scale": data.cost_scale,
         "tasks": len(table),
-        "training_config": {**asdict(config), "network": asdict(network)},
-        "training_rows": len(data.table),
+        "training_config": {**asdict(config), "network": asdict(replace(config.network, seed=config.seed))},
+        "training_rows": len(data.table) if training_rows is None else training_rows,
     }
     blend, blend_scores = _choose_blend(RouterArtifact(manifest, weights), fit, validation, config)
     artifact = RouterArtifact(manifest, weights).with_blend(blend)
     artifact.manifest["validation"] = {
         "score": validation_score(ArtifactRouter(artifact), fit, validation),
-        "stage1": stage1,
-        "stage1_trials": trials,
+        **selection,
         "blend": blend_scores,
         "loss_history": history,
     }
-    log(f"blend: {blend_scores} -> {blend}; fitted in {time.perf_counter() - started:.1f}s")
+    log(f"blend: {blend_scores} -> {blend}")
     return artifact

@@ -67,9 +67,12 @@ def resolve_index_kind(index: str, rows: int) -> str:
     return "torch" if _torch_gpu_available() else "hnsw"
 
 
-def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
-    """A CPU inner-product index holding every row (GPU copies are made where the queries run)."""
-    rows, dim = embeddings.shape
+def build_index(embeddings: np.ndarray, kind: str, seed: int, *, rows: int | None = None, add: bool = True) -> faiss.Index:
+    """A CPU inner-product index holding every row (GPU copies are made where the queries run).
+
+    A streamed corpus builds it in parts: `embeddings` is then a sample that trains IVF's lists, `rows` the
+    corpus's size (which sizes them) and `add=False` leaves the rows to be added shard by shard."""
+    rows, dim = (len(embeddings) if rows is None else rows), embeddings.shape[1]
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -82,30 +85,30 @@ def _build_index(embeddings: np.ndarray, kind: str, seed: int) -> faiss.Index:
         index.cp.spherical = True  # centroids on the unit sphere, like the rows
         index.cp.seed = seed
         index.cp.niter = IVF_KMEANS_ITERATIONS
-        training_rows = min(rows, IVF_TRAINING_ROWS_PER_LIST * lists)
-        sample = np.sort(np.random.default_rng(seed).choice(rows, size=training_rows, replace=False))
+        training_rows = min(len(embeddings), IVF_TRAINING_ROWS_PER_LIST * lists)
+        sample = np.sort(np.random.default_rng(seed).choice(len(embeddings), size=training_rows, replace=False))
         index.train(embeddings[sample])
         index.nprobe = min(IVF_PROBES, lists)
-    index.add(embeddings)
+    if add:
+        index.add(embeddings)
     return index
 
 
-def _on_gpu_if_available(index: faiss.Index) -> faiss.Index:
+def on_gpu_if_available(index: faiss.Index) -> faiss.Index:
     """Flat and IVF indexes move to all visible GPUs when faiss has GPU support; HNSW has no GPU version."""
     if not _gpu_available() or isinstance(index, faiss.IndexHNSW):
         return index
     return faiss.index_cpu_to_all_gpus(index)
 
 
-def _query_block(index: faiss.Index, embeddings: np.ndarray, rows: np.ndarray, k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest neighbours of `embeddings[rows]` other than the row itself.
+def query_block(index: faiss.Index, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest neighbours of `queries` (the index's rows `rows`) other than the row itself.
 
     Asks for k + 1 and drops the row itself, or the last hit when the row is missing (more than k exact
     duplicates, or an approximate index that missed it). Rows an approximate index finds fewer than k
     neighbours for are padded with id -1 and similarity 0.
     """
-    similarities, neighbours = index.search(np.ascontiguousarray(embeddings[rows]), k + 1)
+    similarities, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
     drop = neighbours == rows[:, None]
     drop[~drop.any(axis=1), -1] = True
     keep = ~drop
@@ -126,12 +129,12 @@ class _IndexShard:
     def __init__(self, shared: dict, k: int):
         import ray
 
-        self.index = _on_gpu_if_available(faiss.deserialize_index(ray.get(shared["index"])))
+        self.index = on_gpu_if_available(faiss.deserialize_index(ray.get(shared["index"])))
         self.embeddings = ray.get(shared["embeddings"])
         self.k = k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        neighbours, similarities = _query_block(self.index, self.embeddings, batch["data"], self.k)
+        neighbours, similarities = query_block(self.index, self.embeddings[batch["data"]], batch["data"], self.k)
         return {"row": batch["data"], "neighbours": neighbours, "similarities": similarities}
 
 
@@ -195,11 +198,11 @@ def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = 
     kind = resolve_index_kind(index, rows)
     if kind == "torch":
         return torch_knn(embeddings, k, block_size=block_size)
-    cpu_index = _build_index(embeddings, kind, seed)
+    cpu_index = build_index(embeddings, kind, seed)
     if use_ray:
         return _query_with_ray(cpu_index, embeddings, k, block_size)
-    searched = _on_gpu_if_available(cpu_index)
-    answers = [_query_block(searched, embeddings, block, k) for block in _row_blocks(rows, block_size)]
+    searched = on_gpu_if_available(cpu_index)
+    answers = [query_block(searched, embeddings[block], block, k) for block in _row_blocks(rows, block_size)]
     return np.concatenate([ids for ids, _ in answers]), np.concatenate([sims for _, sims in answers])
 
 
@@ -320,11 +323,20 @@ def merge_small_communities(labels: np.ndarray, embeddings: np.ndarray, min_size
     largest. Labels come back renumbered 0..T-1 by decreasing size (ties: lower old label first).
     """
     _, labels = np.unique(labels, return_inverse=True)
-    sizes = np.bincount(labels)
-    # Per-dimension bincount: ~5x faster than np.add.at on [1e6, 384].
-    centroids = np.stack([np.bincount(labels, weights=embeddings[:, dim], minlength=len(sizes))
-                          for dim in range(embeddings.shape[1])], axis=1)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return merge_by_centroids(labels, community_sums(labels, embeddings, labels.max() + 1), min_size)
+
+
+def community_sums(labels: np.ndarray, embeddings: np.ndarray, communities: int) -> np.ndarray:
+    """[communities, D] the sum of each community's embeddings (a streamed corpus adds these up shard by shard)."""
+    # Per-dimension bincount: several times faster than np.add.at on [1e6, 384].
+    return np.stack([np.bincount(labels, weights=embeddings[:, dim], minlength=communities)
+                     for dim in range(embeddings.shape[1])], axis=1)
+
+
+def merge_by_centroids(labels: np.ndarray, sums: np.ndarray, min_size: int) -> np.ndarray:
+    """`merge_small_communities` on labels 0..C-1 with each community's embedding sum [C, D]."""
+    sizes = np.bincount(labels, minlength=len(sums))
+    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     targets = np.flatnonzero(sizes >= min_size)
     if len(targets) == 0:
         targets = np.array([np.argmax(sizes)])

@@ -285,8 +285,8 @@ def _ray_train_loop(loop_config: dict) -> None:
     report(latest_state[0] if latest_state else resume, networks)
 
 
-def _dataset(columns: dict[str, np.ndarray]):
-    """A Ray Dataset from arrays (rows of vectors as tensor columns)."""
+def array_dataset(columns: dict[str, np.ndarray]):
+    """A Ray Dataset from in-memory arrays (rows of vectors as tensor columns)."""
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
@@ -295,25 +295,31 @@ def _dataset(columns: dict[str, np.ndarray]):
                                          for name, values in columns.items()}))
 
 
-def train_with_ray(data: dict, config: NetworkConfig, *, num_workers: int = 1, use_gpu: bool = False, max_failures: int = 3,
-                   checkpoint_every: int = 5, placement_strategy: str = "PACK", storage_path: str | None = None) -> dict:
-    """Fit with Ray Train's TorchTrainer on Ray Data dataset shards: the training rows split evenly over
-    `num_workers` workers (equal shards, as DDP's all-reduce needs), the validation rows whole on each. A
-    checkpoint is written every `checkpoint_every` epochs (each one costs a write to `storage_path`: on small
-    data more than the epoch itself), and a failed worker restarts the group from the latest one, up to
-    `max_failures` times.
+def in_memory_datasets(data: dict) -> dict:
+    """`train_with_ray`'s datasets from the arrays `train_networks` takes."""
+    datasets = {"train": array_dataset({"inputs": data["inputs"], "scores": data["scores"], "tasks": data["tasks"]})}
+    if "validation_inputs" in data:
+        datasets["validation"] = array_dataset({"inputs": data["validation_inputs"], "scores": data["validation_scores"]})
+    return datasets
+
+
+def train_with_ray(datasets: dict, candidates: np.ndarray, config: NetworkConfig, *, num_workers: int = 1, use_gpu: bool = False,
+                   max_failures: int = 3, checkpoint_every: int = 5, placement_strategy: str = "PACK",
+                   storage_path: str | None = None) -> dict:
+    """Fit with Ray Train's TorchTrainer on Ray Data datasets: "train" (columns inputs, scores, tasks) split evenly
+    over `num_workers` workers (equal shards, as DDP's all-reduce needs), "validation" (inputs, scores; optional)
+    whole on each. A checkpoint is written every `checkpoint_every` epochs (each one costs a write to
+    `storage_path`: on small data more than the epoch itself), and a failed worker restarts the group from the
+    latest one, up to `max_failures` times.
     `storage_path` (checkpoints) must be reachable from every node on a cluster: a shared file system or
     object storage."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    datasets = {"train": _dataset({"inputs": data["inputs"], "scores": data["scores"], "tasks": data["tasks"]})}
-    if "validation_inputs" in data:
-        datasets["validation"] = _dataset({"inputs": data["validation_inputs"], "scores": data["validation_scores"]})
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"candidates": data["candidates"], "network": asdict(config), "has_validation": "validation" in datasets,
+        train_loop_config={"candidates": candidates, "network": asdict(config), "has_validation": "validation" in datasets,
                            "checkpoint_every": checkpoint_every},
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
