@@ -42,19 +42,21 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def clustered_embeddings(rows: int, clusters: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def clustered_embeddings(rows: int, clusters: int, dim: int, seed: int, row_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 rows from `clusters` Gaussian clusters inside DOMAINS subspaces, and their clusters.
 
     Calibrated at 6k rows on all-MiniLM-L6-v2 embeddings of the llmrouter prompts: median cosine of the
     10th neighbour 0.42 (real 0.42), local intrinsic dimension 29 (22), IVF recall@10 with 100 lists at
     nprobe 1/2/4/8 0.51/0.73/0.92/0.98 (0.54/0.71/0.83/0.91: real data has a harder tail).
     Clusters of one domain overlap, as benchmarks' prompt styles do; Leiden need not recover them one to one.
+    `row_seed` draws the rows with their own seed from the structure `seed` fixes (a corpus written in shards).
     """
     rng = np.random.default_rng(seed)
     domain_centres = _unit_rows(rng.standard_normal((DOMAINS, dim), dtype=np.float32))
     domain_bases = rng.standard_normal((DOMAINS, DOMAIN_RANK, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
     domain_of_cluster = rng.integers(DOMAINS, size=clusters)
     cluster_centres = rng.standard_normal((clusters, DOMAIN_RANK), dtype=np.float32) * np.float32(CLUSTER_SPREAD)
+    rng = rng if row_seed is None else np.random.default_rng(row_seed)
     cluster_of_row = rng.integers(clusters, size=rows)
     domain_of_row = domain_of_cluster[cluster_of_row]
     embeddings = rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(NOISE_NORM / np.sqrt(dim))
@@ -69,10 +71,12 @@ def clustered_embeddings(rows: int, clusters: int, dim: int, seed: int) -> tuple
     return _unit_rows(embeddings), cluster_of_row
 
 
-def cluster_dependent_scores(cluster_of_row: np.ndarray, clusters: int, seed: int) -> np.ndarray:
-    """0/1 scores [rows, MODELS]: each model solves each cluster's prompts at its own rate."""
+def cluster_dependent_scores(cluster_of_row: np.ndarray, clusters: int, seed: int, row_seed: int | None = None) -> np.ndarray:
+    """0/1 scores [rows, MODELS]: each model solves each cluster's prompts at its own rate (`row_seed` as in
+    `clustered_embeddings`)."""
     rng = np.random.default_rng(seed + 1)
     solve_rate = rng.beta(0.7, 0.7, size=(clusters, MODELS))
+    rng = rng if row_seed is None else np.random.default_rng(row_seed + 1)
     return (rng.random((len(cluster_of_row), MODELS)) < solve_rate[cluster_of_row]).astype(np.float32)
 
 

@@ -88,37 +88,54 @@ class _ActorNodes(threading.Thread):
         self.join()
 
 
-def test_knn_query_actors_spread_over_the_nodes_and_match_the_plain_search(cluster):
+def _streamed_corpus(folder, texts: list[str], workspace: str, num_actors: int, rows_per_shard: int):
+    """`texts` as a user's JSON Lines file (two models, made-up scores), embedded by the streamed fit's first step."""
+    import json
+
+    from serve.encoder import DEFAULT_EMBEDDER
+    from training.streaming import embed_corpus
+
+    folder.mkdir()
+    with open(folder / "prompts.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"prompt": t, "scores": {"a": i % 2, "b": (i // 2) % 2}}) + "\n" for i, t in enumerate(texts))
+    return embed_corpus(str(folder), DEFAULT_EMBEDDER, workspace=workspace, num_actors=num_actors, rows_per_shard=rows_per_shard,
+                        log=lambda message: None)
+
+
+def _texts(count: int) -> list[str]:
+    verbs, things = ["sort", "explain", "prove", "draw"], ["list", "graph", "proof", "tree", "poem"]
+    return [f"Question {i}: how would you {verbs[i % 4]} a {things[i % 5]} in {i % 7 + 2} steps?" for i in range(count)]
+
+
+def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_search(cluster, tmp_path):
     from training.graph import knn
+    from training.streaming import _read_table, _vectors, knn_edges
 
-    rng = np.random.default_rng(0)
-    embeddings = rng.standard_normal((3000, 48)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    with _ActorNodes("IndexShard") as watcher:
-        sharded = knn(embeddings, 10, block_size=250, use_ray=True)
-    plain = knn(embeddings, 10, block_size=250)
+    corpus = _streamed_corpus(tmp_path / "input", _texts(1200), str(tmp_path / "workspace"), num_actors=3, rows_per_shard=100)
+    embeddings = np.concatenate([corpus.read(s, ["embedding"])["embedding"] for s in range(len(corpus.shards))])
+    with _ActorNodes("ShardNeighbours") as watcher:
+        edges = knn_edges(corpus, 10, index="exact", num_actors=3)
+    neighbours = np.concatenate([_vectors(_read_table(f"{edges}/{name}", ["neighbours"]).column("neighbours"), np.int64)
+                                 for name in corpus.shards])
     assert len(watcher.nodes) >= 2
-    np.testing.assert_array_equal(sharded[0], plain[0])
-    np.testing.assert_array_equal(sharded[1], plain[1])
+    np.testing.assert_array_equal(neighbours, knn(embeddings, 10, index="exact")[0])
 
 
-def test_embedding_survives_a_node_removed_mid_job_with_a_complete_identical_result(cluster, tmp_path):
+def test_streamed_embedding_survives_a_node_removed_mid_job_with_complete_identical_shards(cluster, tmp_path):
     """Last in this module: it takes a node away (and puts a fresh one back)."""
-    from serve.encoder import DEFAULT_EMBEDDER, encode, load_encoder
-    from training.embed import embed_texts
+    from serve.encoder import encode, load_encoder
 
     head_and_workers, workers = cluster
-    texts = [f"Question {i}: how would you {verb} a {thing} in {i % 7 + 2} steps?"
-             for i, (verb, thing) in enumerate(zip(["sort", "explain", "prove", "draw"] * 500, ["list", "graph", "proof", "tree", "poem"] * 400))]
+    texts = _texts(2000)
     removed = {}
 
     def remove_a_node_once_actors_run():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            nodes = {actor["node"] for actor in _live_actors("EncoderActor")}
+            nodes = {actor["node"] for actor in _live_actors("ShardEncoder")}
             victim = next((w for w in workers if w.node_id in nodes), None)
             if victim is not None and len(nodes) >= 2:
-                time.sleep(1)  # let them take a block or two
+                time.sleep(1)  # let them take a shard or two
                 head_and_workers.remove_node(victim)
                 removed["nodes_before"] = nodes
                 return
@@ -126,10 +143,12 @@ def test_embedding_survives_a_node_removed_mid_job_with_a_complete_identical_res
 
     remover = threading.Thread(target=remove_a_node_once_actors_run, daemon=True)
     remover.start()
-    embeddings = embed_texts(texts, DEFAULT_EMBEDDER, batch_size=32, num_actors=2, cache_dir=tmp_path)
+    corpus = _streamed_corpus(tmp_path / "input", texts, str(tmp_path / "workspace"), num_actors=3, rows_per_shard=100)
     remover.join(timeout=10)
     head_and_workers.add_node(num_cpus=1)
     assert len(removed.get("nodes_before", ())) >= 2  # the actors had spread, and one node went away mid-job
-    expected = encode(load_encoder(DEFAULT_EMBEDDER, device="cpu"), texts)
-    assert embeddings.shape == expected.shape
-    np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+    parts = [corpus.read(s, ["prompt", "embedding"], part) for s in range(len(corpus.shards)) for part in ("train", "validation")]
+    prompts = [p for part in parts for p in part["prompt"]]
+    assert sorted(prompts) == sorted(texts)  # every row once
+    expected = encode(load_encoder(corpus.embedder, device="cpu"), prompts)
+    np.testing.assert_allclose(np.concatenate([part["embedding"] for part in parts]), expected, atol=1e-5)

@@ -16,8 +16,8 @@ from training.fit import FitConfig
 from training.protocols import PROTOCOLS
 
 
-def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="a built-in dataset name or a .jsonl/.parquet file")
+def _dataset_arguments(parser: argparse.ArgumentParser, source=None) -> None:
+    (source or parser).add_argument("--dataset", required=source is None, help="a built-in dataset name or a .jsonl/.parquet file")
     parser.add_argument("--data-dir", type=Path, help="the routing datasets' folder (default: $FINEROUTER_DATA_DIR or ../shared/data)")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"sentence-transformers model (default {DEFAULT_EMBEDDER}, bundled offline)")
     parser.add_argument("--embed-actors", type=int, default=1, help="Ray Data encoder actors")
@@ -45,16 +45,31 @@ def _fit(args, table, embeddings) -> None:
     `--holdout` fraction when asked), save the artifact."""
     import numpy as np
 
-    from training.fit import FitConfig, fit_router
+    from training.fit import fit_router
     from training.protocols import training_rows
     from training.routers.base import TrainingSet
 
     rows = training_rows(table, args.holdout, args.seed)
-    config = FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
-                       checkpoint_every=args.checkpoint_every)
-    artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), config)
+    artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), _fit_config(args))
     artifact.save(args.out)
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows")
+
+
+def _fit_config(args) -> FitConfig:
+    return FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
+                     checkpoint_every=args.checkpoint_every, knn_on_ray=args.knn_on_ray)
+
+
+def _fit_streaming(args) -> None:
+    """Train on a corpus streamed through Ray jobs (`training.streaming`), save the artifact."""
+    from training.streaming import fit_streaming
+
+    if args.trainer != "ray":
+        raise ValueError("--input trains with Ray Train: leave out --trainer local")
+    artifact = fit_streaming(args.input, _fit_config(args), workspace=args.workspace, embed_actors=args.embed_actors,
+                             embed_gpus=args.embed_gpus, knn_index=args.knn_index)
+    artifact.save(args.out)
+    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {artifact.manifest['training_rows']} training rows")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", type=Path, required=True)
 
     fit = commands.add_parser("fit", help="train FineRouter on the training split and write a router artifact")
-    _dataset_arguments(fit)
+    source = fit.add_mutually_exclusive_group(required=True)
+    _dataset_arguments(fit, source)
+    source.add_argument("--input", help="stream a file or folder (or URI: s3://, gs://, ...) of .parquet/.jsonl routing data "
+                                        "through Ray jobs, never gathered in this process (training/streaming.py)")
+    fit.add_argument("--workspace", help="--input: where the embedded shards and kNN edges go (default: the cache "
+                                         "folder; on a cluster, storage every node reads)")
+    fit.add_argument("--knn-on-ray", action="store_true", default=None,
+                     help="--dataset: query the kNN graph on a Ray Data actor pool whatever the size (default: from 100,000 rows)")
+    fit.add_argument("--knn-index", default="auto", help="--input: the faiss index (auto, exact, ivf, hnsw)")
     fit.add_argument("--out", type=Path, required=True, help="the artifact directory (written atomically)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
@@ -88,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.datasets import DatasetError
 
     try:
+        if args.command == "fit" and args.input:
+            _fit_streaming(args)
+            return 0
         table, embeddings = _load(args)
         if args.command == "embed":
             answered = _answer_embeddings(args, table)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 EMBEDDING_FORMAT = "float32-l2normalised-v1"
 
 
-def _canonical_model_name(name: str) -> str:
+def canonical_model_name(name: str) -> str:
     """One cache identity per model, whichever alias or relative path named it."""
     if name in BUNDLED_ALIASES:
         return DEFAULT_EMBEDDER
@@ -41,7 +41,7 @@ def _cache_path(texts: Sequence[str], model: str, cache_dir: Path) -> Path:
     for text in texts:
         texts_digest.update(text.encode("utf-8"))
         texts_digest.update(b"\x00")  # separator, so ["ab", "c"] and ["a", "bc"] differ
-    canonical_name = _canonical_model_name(model)
+    canonical_name = canonical_model_name(model)
     key = json.dumps({"model": canonical_name, "texts_sha256": texts_digest.hexdigest(),
                       "count": len(texts), "format": EMBEDDING_FORMAT}, sort_keys=True)
     readable_model = canonical_name.strip("/").replace("/", "--")[-60:]
@@ -72,7 +72,7 @@ class _EncoderActor:
         return {"row": batch["row"], "embedding": embeddings}
 
 
-def _cpus_per_actor(num_actors: int) -> int:
+def cpus_per_actor(num_actors: int) -> int:
     """Share the cluster's CPUs among the actors, at most one node's worth each so every actor fits.
 
     Ray sets OMP_NUM_THREADS to an actor's CPU count, so this is also how many threads torch uses there.
@@ -103,7 +103,7 @@ def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=1 if num_gpus > 0 else _cpus_per_actor(num_actors),
+            num_cpus=1 if num_gpus > 0 else cpus_per_actor(num_actors),
             num_gpus=num_gpus or None,
         )
         in_input_order: np.ndarray | None = None

@@ -27,6 +27,8 @@ from training.routers.base import (
     validation_score,
 )
 
+KNN_ON_RAY_FROM_ROWS = 100_000  # below, one process answers the kNN queries faster than an actor pool starts
+
 
 @dataclass
 class FitConfig:
@@ -46,6 +48,7 @@ class FitConfig:
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 5  # Ray Train: epochs between checkpoints
+    knn_on_ray: bool | None = None  # kNN queries on a Ray Data actor pool; None: from KNN_ON_RAY_FROM_ROWS fit rows
     seed: int = 0
 
 
@@ -73,7 +76,8 @@ def task_table(labels: np.ndarray, scores: np.ndarray, shrinkage: float) -> np.n
 def _select_stage1(fit: TrainingSet, validation: TrainingSet, config: FitConfig) -> tuple[dict, np.ndarray, list]:
     """The (k, mix, resolution) whose task table routes the validation slice best."""
     trials = []
-    neighbours, similarities = knn(fit.embeddings, max(config.ks), seed=config.seed)  # once, sliced per k
+    on_ray = len(fit.embeddings) >= KNN_ON_RAY_FROM_ROWS if config.knn_on_ray is None else config.knn_on_ray
+    neighbours, similarities = knn(fit.embeddings, max(config.ks), seed=config.seed, use_ray=on_ray)  # once, sliced per k
     for k, mix in itertools.product(config.ks, config.mixes):
         graph = task_graph(neighbours[:, :k], similarities[:, :k], fit.table.scores, mix)
         for resolution in config.resolutions:

@@ -1,0 +1,205 @@
+"""Scale benchmark of the streamed fit (`training.streaming`): time per step and peak memory at 1e5..1e6 prompts,
+and each step's throughput on 1, 2 and 3 simulated nodes.
+
+The corpus is synthetic and written straight into shards by Ray tasks (the encoder is measured apart, on real
+prompts: encoding 1e6 prompts on 2 cores would take hours): embeddings shaped like MiniLM's
+(`benchmarks.bench_graph.clustered_embeddings`, one structure shared by every shard), 0/1 scores of 11 models
+that depend on the cluster, short prompts of random length. Each size runs in a fresh process, so the driver's
+peak RSS is its own; a sampler thread records the largest RSS of any Ray worker process meanwhile.
+
+    python -m benchmarks.bench_scale --sizes 100000 300000 1000000            # steps 2-6 per size
+    python -m benchmarks.bench_scale --nodes 1 2 3 --node-rows 100000         # per-node throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ADDRESS", "local")
+
+import numpy as np
+import pyarrow as pa
+
+from benchmarks.bench_graph import MODELS, cluster_dependent_scores, clustered_embeddings
+
+CLUSTERS = 200
+WORDS = ("explain", "solve", "write", "prove", "list", "compare", "the", "function", "equation", "essay", "code", "why")
+
+
+def _write_synthetic_shard(folder: str, shard: int, rows: int, seed: int, validation_below: float) -> tuple[str, int]:
+    """One shard of the synthetic corpus (its rows drawn with their own seed from the shared cluster structure)."""
+    from training.streaming import _fixed_lists, _write_table
+
+    row_seed = seed * 100_003 + shard + 1
+    embeddings, clusters = clustered_embeddings(rows, CLUSTERS, 384, seed, row_seed=row_seed)
+    scores = cluster_dependent_scores(clusters, CLUSTERS, seed, row_seed=row_seed)  # every shard: the same solve rates
+    rng = np.random.default_rng(row_seed + 2)
+    tokens = rng.integers(8, 400, rows)
+    prices = np.geomspace(0.05, 10.0, MODELS) / 1e6
+    prompts = [" ".join(rng.choice(WORDS, size=int(t // 8 + 1))) for t in tokens]
+    slot = rng.random(rows)
+    name = f"part-{shard * rows:012d}-{(shard + 1) * rows:012d}.parquet"
+    _write_table(f"{folder}/{name}", pa.table({
+        "row": pa.array(np.arange(shard * rows, (shard + 1) * rows), pa.int64()),
+        "prompt": pa.array(prompts, pa.string()),
+        "benchmark": pa.array([f"cluster{c % 20}" for c in clusters], pa.string()),
+        "scores": _fixed_lists(scores),
+        "costs": _fixed_lists((tokens[:, None] + 200) * prices[None, :]),
+        "prompt_tokens": pa.array(tokens, pa.int64()),
+        "embedding": _fixed_lists(embeddings),
+        "slot": pa.array(slot, pa.float64()),
+    }))
+    return name, int((slot >= validation_below).sum())
+
+
+def synthetic_corpus(folder: str, rows: int, seed: int = 0):
+    """A `Corpus` of `rows` synthetic training rows in shards of ROWS_PER_SHARD, written by Ray tasks."""
+    import ray
+
+    from training.streaming import ROWS_PER_SHARD, SAMPLE_ROWS, VALIDATION_ROWS, Corpus
+
+    validation_below = min(0.2, VALIDATION_ROWS / rows)
+    write = ray.remote(num_cpus=1)(_write_synthetic_shard)
+    shards = ray.get([write.remote(folder, shard, ROWS_PER_SHARD, seed, validation_below) for shard in range(rows // ROWS_PER_SHARD)])
+    corpus = Corpus(folder=folder, name=f"synthetic-{rows}", models=[f"model{m}" for m in range(MODELS)], embedder="synthetic",
+                    shards=[name for name, _ in shards], shard_rows=[count for _, count in shards],
+                    validation_below=validation_below, sample_below=validation_below + min(1.0, SAMPLE_ROWS / rows))
+    corpus.save()
+    return corpus
+
+
+class WorkerMemory(threading.Thread):
+    """Samples the RSS of every Ray worker process (`ray::...`) and keeps the largest seen."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.peak_name, self.done = interval, 0, "", threading.Event()
+
+    def run(self):
+        import psutil
+
+        while not self.done.is_set():
+            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                command = " ".join(process.info["cmdline"] or [])
+                if command.startswith("ray::") and process.info["memory_info"] is not None:
+                    if process.info["memory_info"].rss > self.peak:
+                        self.peak, self.peak_name = process.info["memory_info"].rss, command.split(" ")[0]
+            time.sleep(self.interval)
+
+    def stop(self) -> tuple[float, str]:
+        self.done.set()
+        self.join()
+        return self.peak / 2**30, self.peak_name
+
+
+def _one_size(rows: int, epochs: int, seed: int, queue) -> None:
+    """Steps 2-6 of the streamed fit on a synthetic corpus of `rows`, in this (fresh) process."""
+    import ray
+
+    from training.fit import FitConfig
+    from training.moe import NetworkConfig
+    from training.streaming import fit_corpus
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+        started = time.perf_counter()
+        corpus = synthetic_corpus(folder, rows, seed)
+        generated = time.perf_counter() - started
+        driver_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        watcher = WorkerMemory()
+        watcher.start()
+        config = FitConfig(seed=seed, network=NetworkConfig(epochs=epochs, task_epochs=max(1, epochs // 2)))
+        artifact = fit_corpus(corpus, config, log=lambda message: print(f"  [{rows}] {message}", flush=True))
+        worker_peak, worker_name = watcher.stop()
+    queue.put({"rows": rows, "generate_s": generated, "seconds": artifact.manifest["validation"]["streamed"]["seconds"],
+               "tasks": artifact.manifest["tasks"], "stage1": {k: artifact.manifest["validation"]["stage1"][k] for k in ("k", "mix", "resolution")},
+               "driver_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "driver_peak_before_fit_gib": driver_before, "worker_peak_gib": worker_peak, "worker_peak_process": worker_name})
+    ray.shutdown()
+
+
+def _node_throughput(nodes: int, rows: int, prompts: int, seed: int, queue) -> None:
+    """On a `Cluster` of `nodes` one-CPU raylets: encoder and kNN query throughput of the streamed steps."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from serve.encoder import DEFAULT_EMBEDDER
+    from training.datasets import load_dataset
+    from training.streaming import embed_corpus, knn_edges
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-nodes-") as folder:
+        table = load_dataset("llmrouter_9model")
+        records = [{"prompt": table.prompts[i], "scores": dict(zip(table.models, table.scores[i].tolist()))} for i in range(prompts)]
+        os.makedirs(f"{folder}/input")
+        with open(f"{folder}/input/prompts.jsonl", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        started = time.perf_counter()
+        embed_corpus(f"{folder}/input", DEFAULT_EMBEDDER, workspace=f"{folder}/embedded", num_actors=nodes,
+                     rows_per_shard=max(50, prompts // (4 * nodes)), log=lambda message: None)
+        embed_seconds = time.perf_counter() - started
+        os.makedirs(f"{folder}/synthetic")
+        corpus = synthetic_corpus(f"{folder}/synthetic", rows, seed)
+        started = time.perf_counter()
+        knn_edges(corpus, 10, index="hnsw", seed=seed, num_actors=nodes)
+        knn_seconds = time.perf_counter() - started
+    queue.put({"nodes": nodes, "embed_prompts_per_s": prompts / embed_seconds, "knn_rows_per_s": rows / knn_seconds,
+               "knn_s": knn_seconds, "embed_s": embed_seconds})
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _in_fresh_process(target, *args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[], help="corpus sizes for steps 2-6 (multiples of 20,000)")
+    parser.add_argument("--epochs", type=int, default=4, help="Stage 2 epochs (phase 1; phase 2 gets half)")
+    parser.add_argument("--nodes", type=int, nargs="*", default=[], help="simulated node counts for the throughput runs")
+    parser.add_argument("--node-rows", type=int, default=100_000, help="synthetic rows in each throughput run's kNN step")
+    parser.add_argument("--node-prompts", type=int, default=1_000, help="real prompts in each throughput run's encoder step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    results = {"sizes": [], "nodes": []}
+    for rows in args.sizes:
+        result = _in_fresh_process(_one_size, rows, args.epochs, args.seed)
+        results["sizes"].append(result)
+        steps = " ".join(f"{k} {v:.1f}s" for k, v in result["seconds"].items())
+        print(f"{rows:>9,} rows: {steps}; total {sum(result['seconds'].values()):.1f}s; {result['tasks']} tasks; "
+              f"driver peak {result['driver_peak_gib']:.2f} GiB; largest worker {result['worker_peak_gib']:.2f} GiB "
+              f"({result['worker_peak_process']})", flush=True)
+    for nodes in args.nodes:
+        result = _in_fresh_process(_node_throughput, nodes, args.node_rows, args.node_prompts, args.seed)
+        results["nodes"].append(result)
+        print(f"{nodes} node(s): encoder {result['embed_prompts_per_s']:.1f} prompts/s, kNN queries {result['knn_rows_per_s']:.0f} rows/s "
+              f"(build included)", flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The streamed fit (`python -m training fit --input`): shards hold every training row once, the sharded kNN
+graph and Leiden on one node give the in-memory path's tasks, and the whole fit yields an artifact that routes."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import synthetic_routing_set
+
+pytestmark = pytest.mark.slow
+
+
+def write_user_data(folder, data, files: int = 2, test_every: int = 0):
+    """The TrainingSet's table as a user's JSON Lines files (rows dealt round-robin); every `test_every`-th row is
+    a test row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    handles = [open(folder / f"part-{f}.jsonl", "w") for f in range(files)]
+    for i in range(len(table)):
+        record = {"prompt": table.prompts[i], "scores": dict(zip(table.models, table.scores[i].tolist())),
+                  "costs": dict(zip(table.models, table.costs[i].tolist())), "benchmark": table.benchmarks[i],
+                  "split": "test" if test_every and i % test_every == 0 else "train"}
+        handles[i % files].write(json.dumps(record) + "\n")
+    for handle in handles:
+        handle.close()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def streamed(ray_session, tmp_path_factory):
+    """(corpus, its source TrainingSet, the input folder, the workspace): 300 rows in two files, every tenth a
+    test row, cut into shards of at most 70 input rows (three per file)."""
+    from serve.encoder import DEFAULT_EMBEDDER
+    from training.streaming import embed_corpus
+
+    data = synthetic_routing_set(rows=300)
+    folder = write_user_data(tmp_path_factory.mktemp("input"), data, test_every=10)
+    workspace = str(tmp_path_factory.mktemp("workspace"))
+    corpus = embed_corpus(str(folder), DEFAULT_EMBEDDER, workspace=workspace, rows_per_shard=70, log=lambda message: None)
+    return corpus, data, folder, workspace
+
+
+def _in_row_order(corpus, column: str) -> np.ndarray:
+    return np.concatenate([corpus.read(shard, [column])[column] for shard in range(len(corpus.shards))])
+
+
+def test_shards_hold_every_training_row_once_with_the_encoders_embedding(streamed):
+    from serve.encoder import encode, load_encoder
+    from training.streaming import Corpus, embed_corpus
+
+    corpus, data, folder, workspace = streamed
+    assert len(corpus.shards) == 6 and corpus.validation_below == pytest.approx(0.2)
+    parts = [corpus.read(s, ["prompt", "embedding"], part) for s in range(len(corpus.shards)) for part in ("train", "validation")]
+    prompts = [p for part in parts for p in part["prompt"]]
+    assert sorted(prompts) == sorted(data.table.prompts[i] for i in range(len(data.table)) if i % 10)  # no test row, each once
+    assert corpus.rows == sum(len(part["prompt"]) for part in parts[::2]) == len(_in_row_order(corpus, "prompt"))
+    embeddings = np.concatenate([part["embedding"] for part in parts])
+    np.testing.assert_allclose(embeddings, encode(load_encoder(corpus.embedder), prompts), atol=1e-5)
+
+    said = []
+    assert embed_corpus(str(folder), corpus.embedder, workspace=workspace, rows_per_shard=70, log=said.append) == Corpus.load(corpus.folder)
+    assert "cached" in said[0]  # the same input and encoder: the shards are reused, nothing is embedded again
+
+
+def test_sharded_knn_and_leiden_on_one_node_give_the_in_memory_graph_and_tasks(streamed, tmp_path):
+    import ray
+
+    from training.fit import task_table
+    from training.graph import knn, leiden, merge_small_communities, task_graph
+    from training.streaming import _discover_tasks, _read_table, _vectors, knn_edges
+
+    corpus = streamed[0]
+    edges = knn_edges(corpus, 10, index="exact", num_actors=2)
+    neighbours = np.concatenate([_vectors(_read_table(f"{edges}/{name}", ["neighbours"]).column("neighbours"), np.int64)
+                                 for name in corpus.shards])
+    embeddings, scores = _in_row_order(corpus, "embedding"), _in_row_order(corpus, "scores")
+    expected_neighbours, expected_similarities = knn(embeddings, 10, index="exact")
+    np.testing.assert_array_equal(neighbours, expected_neighbours)
+
+    labels_path = str(tmp_path / "tasks.parquet")
+    table = ray.get(ray.remote(_discover_tasks).remote(corpus, edges, 0.5, 1.0, 20, 20.0, 0, labels_path))
+    expected = merge_small_communities(leiden(task_graph(expected_neighbours, expected_similarities, scores, 0.5), 1.0, 0), embeddings, 20)
+    np.testing.assert_array_equal(_read_table(labels_path, ["task"]).column("task").to_numpy(), expected)
+    np.testing.assert_allclose(table, task_table(expected, scores, 20.0))
+
+
+def test_streamed_fit_writes_an_artifact_that_routes(streamed, tmp_path):
+    from training.fit import FitConfig
+    from training.moe import NetworkConfig
+    from training.streaming import fit_streaming
+
+    corpus, data, folder, workspace = streamed
+    config = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), network=NetworkConfig(epochs=3, task_epochs=1))
+    artifact = fit_streaming(str(folder), config, workspace=workspace, log=lambda message: None)
+    assert artifact.models == data.table.models and artifact.manifest["training_rows"] == corpus.rows
+    streamed = artifact.manifest["validation"]["streamed"]
+    assert streamed["input"] == str(folder) and set(streamed["seconds"]) == {"embed", "stage1_settings", "knn", "tasks", "stage2", "blend"}
+    artifact.save(tmp_path / "artifact")
+    from serve.artifact import RouterArtifact
+
+    loaded = RouterArtifact.load(tmp_path / "artifact")
+    ranking = loaded.route(data.embeddings[:5], data.table.prompts[:5], data.table.prompt_tokens[:5], 0.05)
+    assert len(ranking.order) == 5
