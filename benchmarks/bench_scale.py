@@ -123,7 +123,7 @@ def _one_size(rows: int, epochs: int, seed: int, queue) -> None:
     queue.put({"rows": rows, "generate_s": generated, "seconds": artifact.manifest["validation"]["streamed"]["seconds"],
                "tasks": artifact.manifest["tasks"], "stage1": {k: artifact.manifest["validation"]["stage1"][k] for k in ("k", "mix", "resolution")},
                "driver_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "driver_peak_before_fit_gib": driver_before, "worker_peak_gib": worker_peak, "worker_peak_process": worker_name})
+               "driver_peak_before_fit_gib": driver_before, "load_average_15m": os.getloadavg()[2], "worker_peak_gib": worker_peak, "worker_peak_process": worker_name})
     ray.shutdown()
 
 
@@ -183,16 +183,19 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
+    # The module's own functions, not __main__'s: Ray's workers import them by module name.
+    from benchmarks import bench_scale
+
     results = {"sizes": [], "nodes": []}
     for rows in args.sizes:
-        result = _in_fresh_process(_one_size, rows, args.epochs, args.seed)
+        result = _in_fresh_process(bench_scale._one_size, rows, args.epochs, args.seed)
         results["sizes"].append(result)
         steps = " ".join(f"{k} {v:.1f}s" for k, v in result["seconds"].items())
         print(f"{rows:>9,} rows: {steps}; total {sum(result['seconds'].values()):.1f}s; {result['tasks']} tasks; "
               f"driver peak {result['driver_peak_gib']:.2f} GiB; largest worker {result['worker_peak_gib']:.2f} GiB "
-              f"({result['worker_peak_process']})", flush=True)
+              f"({result['worker_peak_process']}); machine load {result['load_average_15m']:.1f} on {os.cpu_count()} CPUs", flush=True)
     for nodes in args.nodes:
-        result = _in_fresh_process(_node_throughput, nodes, args.node_rows, args.node_prompts, args.seed)
+        result = _in_fresh_process(bench_scale._node_throughput, nodes, args.node_rows, args.node_prompts, args.seed)
         results["nodes"].append(result)
         print(f"{nodes} node(s): encoder {result['embed_prompts_per_s']:.1f} prompts/s, kNN queries {result['knn_rows_per_s']:.0f} rows/s "
               f"(build included)", flush=True)
