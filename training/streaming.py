@@ -244,13 +244,13 @@ def embed_corpus(uri: str, embedder: str, *, workspace: str | None = None, valid
     return corpus
 
 
-def _gather(corpus: Corpus, part: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """A bounded part ("validation" or "sample") of every shard, read by one Ray task per shard."""
+def _gather(corpus: Corpus, parts: tuple[str, ...], columns: list[str]) -> list[dict[str, np.ndarray]]:
+    """Bounded parts ("validation", "sample") of every shard, read in one pass by one Ray task per shard."""
     import ray
 
-    read = ray.remote(num_cpus=0.25)(lambda shard: corpus.read(shard, columns, part))
+    read = ray.remote(num_cpus=0.25)(lambda shard: [corpus.read(shard, columns, part) for part in parts])
     pieces = ray.get([read.remote(shard) for shard in range(len(corpus.shards))])
-    return {name: np.concatenate([piece[name] for piece in pieces]) for name in columns}
+    return [{name: np.concatenate([piece[p][name] for piece in pieces]) for name in columns} for p in range(len(parts))]
 
 
 def _training_set(corpus: Corpus, columns: dict[str, np.ndarray]) -> TrainingSet:
@@ -308,8 +308,10 @@ def _node_cpus() -> int:
     return max(1, int(max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])))
 
 
-def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num_actors: int | None = None) -> str:
-    """Every training row's k nearest other rows, written per shard (step 3); returns the edges' folder."""
+def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num_actors: int | None = None,
+              sample: np.ndarray | None = None) -> str:
+    """Every training row's k nearest other rows, written per shard (step 3); returns the edges' folder.
+    `sample`: the embeddings of the corpus's sample rows (IVF trains on them), when the caller has them."""
     import ray
 
     kind = resolve_index_kind(index, corpus.rows)
@@ -319,10 +321,12 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
     fs, target = filesystem(folder)
     if fs.get_file_info(f"{target}/{COMPLETE}").type == pafs.FileType.File:
         return folder
-    sample = _gather(corpus, "sample", ["embedding"])["embedding"]
+    if sample is None:
+        sample = _gather(corpus, ("sample",), ["embedding"])[0]["embedding"]
     index_bytes = corpus.rows * sample.shape[1] * 4 * 2  # the vectors, and room for the structure and a copy
     build = ray.remote(num_cpus=_node_cpus(), memory=index_bytes)(_build_shard_index)
     shared = {"serialized": build.remote(corpus, kind, sample, seed)}  # a reference: each actor fetches it once
+    ray.wait([shared["serialized"]], fetch_local=False)  # built before the actors take every CPU it needs
     fs.create_dir(target, recursive=True)
     cpus = min(4, _node_cpus())
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
@@ -401,13 +405,12 @@ def fit_corpus(corpus: Corpus, config: FitConfig = FitConfig(), *, workspace: st
 
     if corpus.rows <= max(config.ks):
         raise DatasetError(f"{source or corpus.folder}: {corpus.rows} training rows; a kNN graph of degree {max(config.ks)} needs more")
-    sample = _training_set(corpus, _gather(corpus, "sample", ROW_COLUMNS))
-    validation = _training_set(corpus, _gather(corpus, "validation", ROW_COLUMNS))
+    sample, validation = (_training_set(corpus, rows) for rows in _gather(corpus, ("sample", "validation"), ROW_COLUMNS))
     stage1, _, trials = _select_stage1(sample, validation, config)
     log(f"stage 1 settings on a sample of {len(sample.table)} rows: k={stage1['k']}, mix={stage1['mix']}, "
         f"resolution={stage1['resolution']} ({lap('stage1_settings'):.1f}s)")
 
-    edges = knn_edges(corpus, stage1["k"], index=knn_index, seed=config.seed)
+    edges = knn_edges(corpus, stage1["k"], index=knn_index, seed=config.seed, sample=sample.embeddings)
     log(f"kNN graph of {corpus.rows} rows in {lap('knn'):.1f}s")
     labels_path = f"{edges}/tasks-mix{stage1['mix']}-resolution{stage1['resolution']}-min{config.min_task_size}.parquet"
     discover = ray.remote(num_cpus=_node_cpus(), memory=corpus.rows * (stage1["k"] * 60 + 64))(_discover_tasks)
