@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_routing_set
 
-from training.answers import (
+from serve.answer_facts import (
     AnswerFacts,
     agreement,
     choice_letter,
@@ -14,7 +14,8 @@ from training.answers import (
     is_refusal,
     parses_as_python,
 )
-from training.posthoc import FEATURE_GROUPS, PostHocEstimator, fit_logistic
+from serve.posthoc import FEATURE_GROUPS
+from training.posthoc import fit_logistic, fit_posthoc
 from training.routers.base import TrainingSet
 from training.routers.cascade import agreement_outcome, frugal_outcome, run_cascade
 
@@ -73,7 +74,7 @@ def test_agreement_with_other_answers_sharpens_the_estimate():
     everything_seen = np.ones(held_out.table.scores.shape, bool)
     losses = {}
     for name, groups in {"all": FEATURE_GROUPS, "no_agreement": tuple(g for g in FEATURE_GROUPS if "agreement" not in g)}.items():
-        estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+        estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                          np.full(calibration.table.scores.shape, 0.5), groups)
         estimate = estimator.estimate(ex_ante, held_out.answers, agreement(held_out.answers), everything_seen)
         losses[name] = _log_loss(estimate, held_out.table.scores)
@@ -86,7 +87,7 @@ def test_played_cascade_pays_for_every_model_it_runs_and_returns_one_of_their_an
     data = answered_set()
     fit, rest = data.validation_split(0, fraction=0.5)
     calibration, test = rest.validation_split(1, fraction=0.5)
-    estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+    estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                      np.full(calibration.table.scores.shape, 0.5))
     ex_ante = np.tile(fit.table.scores.mean(axis=0), (len(test.table), 1))
     rows = np.arange(len(test.table))
