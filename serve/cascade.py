@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.answer_facts import AnswerFacts
+from serve.answer_facts import AnswerFacts, agreement
 from serve.decision import CASCADE_DEPTH, CascadeStep, cascade_step
 from serve.posthoc import PostHocEstimator
 
@@ -38,7 +38,9 @@ def next_step(estimator: PostHocEstimator, ex_ante: np.ndarray, cost: np.ndarray
     read only where `ran`. allowed: [N, M] the models that may still run (the request's candidates, less any
     whose backend failed); a prompt with none left stops with the best answer it has (-1 if none).
     """
-    ran = np.asarray(ran, bool)
+    # In float64 whatever the caller holds (the artifact predicts in float32, a request carries float64), so that
+    # every caller judges the same numbers the same way.
+    ex_ante, cost, ran = np.asarray(ex_ante, float), np.asarray(cost, float), np.asarray(ran, bool)
     quality = np.where(ran, estimator.estimate(ex_ante, facts, agree, ran), estimator.calibrated_ex_ante(ex_ante))
     allowed = np.broadcast_to(True if allowed is None else np.asarray(allowed, bool), ran.shape)
     open_rows = allowed.any(axis=1)
@@ -50,6 +52,13 @@ def next_step(estimator: PostHocEstimator, ex_ante: np.ndarray, cost: np.ndarray
                             cost_cap=cost_cap, max_depth=max_depth)
         next_model[open_rows] = step.next_model
     return Judgement(CascadeStep(next_model=next_model, answer=answer), quality)
+
+
+def judged_answers(responses: np.ndarray, embeddings: np.ndarray) -> tuple[AnswerFacts, np.ndarray]:
+    """The facts and pairwise agreement of answers obtained so far: `responses` [N, M] text ("" where none yet),
+    `embeddings` [N, M, D] of their openings (`serve.answer_facts.answer_opening`; zeros where none)."""
+    facts = AnswerFacts.of(responses, embeddings)
+    return facts, agreement(facts)
 
 
 class AnswerSource(Protocol):
