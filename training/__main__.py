@@ -48,22 +48,17 @@ def _fit(args, table, embeddings) -> None:
     import numpy as np
 
     from serve.answer_facts import AnswerFacts
-    from training.fit import FitConfig, fit_router
+    from training.fit import FitConfig
     from training.protocols import training_rows
     from training.routers.base import TrainingSet
-    from training.routers.cascade import fit_cascade_estimator
+    from training.routers.cascade import fit_with_cascades
 
     rows = training_rows(table, args.holdout, args.seed)
     config = FitConfig(embedder=args.embedder, seed=args.seed, num_workers=args.workers, use_gpu=args.use_gpu, trainer=args.trainer,
                        checkpoint_every=args.checkpoint_every)
     answered = _answer_embeddings(args, table)
     answers = None if answered is None else AnswerFacts.of(table.responses, answered).subset(rows)
-    data = TrainingSet(table.subset(rows), np.asarray(embeddings)[rows], answers)
-    artifact = fit_router(data, config)
-    if answers is not None:
-        estimator, scale = fit_cascade_estimator(artifact, data, config.seed, validation_fraction=config.validation_fraction)
-        artifact = artifact.with_posthoc(estimator, {"resolution_scale": scale})
-        print(f"post-hoc estimator: features {list(estimator.groups)}, resolution scale {scale} (chosen on validation)")
+    artifact = fit_with_cascades(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows], answers), config)
     artifact.save(args.out)
     cascades = "cascades judge answers" if answers is not None else "no recorded answers, so routing only"
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows; {cascades}")

@@ -28,6 +28,7 @@ from serve.artifact import RouterArtifact
 from serve.cascade import play_cascade
 from serve.decision import CASCADE_DEPTH
 from serve.posthoc import PostHocEstimator
+from training.fit import FitConfig, fit_router
 from training.metrics import COST_WEIGHTS, curve_aiq
 from training.posthoc import fit_posthoc
 from training.routers.base import TrainingSet
@@ -97,6 +98,16 @@ def fit_cascade_estimator(artifact: RouterArtifact, data: TrainingSet, seed: int
                             artifact.predict(calibration.embeddings, calibration.table.prompts)[0], groups, seed)
     scale = _resolution_scale(artifact, estimator, calibration)
     return replace(estimator, resolution=estimator.resolution * scale), scale
+
+
+def fit_with_cascades(data: TrainingSet, config: FitConfig, log=print) -> RouterArtifact:
+    """FineRouter's artifact (`training.fit.fit_router`), with the post-hoc estimator where `data` has answers."""
+    artifact = fit_router(data, config, log)
+    if data.answers is None:
+        return artifact
+    estimator, scale = fit_cascade_estimator(artifact, data, config.seed, validation_fraction=config.validation_fraction)
+    log(f"post-hoc estimator: features {list(estimator.groups)}, resolution scale {scale} (chosen on validation)")
+    return artifact.with_posthoc(estimator, {"resolution_scale": scale})
 
 
 def _resolution_scale(artifact: RouterArtifact, estimator: PostHocEstimator, calibration: TrainingSet) -> float:
