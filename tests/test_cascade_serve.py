@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -88,7 +89,7 @@ def expected_runs(outcome, row) -> list[str]:
 class RecordedAnswers(BaseHTTPRequestHandler):
     """An OpenAI-compatible upstream that answers each pool model with its recorded answer to the prompt."""
 
-    answers: dict[tuple[str, str], str] = {}
+    answers: ClassVar[dict[tuple[str, str], str]] = {}
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
