@@ -87,13 +87,19 @@ def expected_runs(outcome, row) -> list[str]:
 
 
 class RecordedAnswers(BaseHTTPRequestHandler):
-    """An OpenAI-compatible upstream that answers each pool model with its recorded answer to the prompt."""
+    """An OpenAI-compatible upstream that answers each pool model with its recorded answer to the prompt. A prompt
+    it has no answers for is answered by the cheapest model alone; the others fail with HTTP 500."""
 
     answers: ClassVar[dict[tuple[str, str], str]] = {}
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = self.answers[body["model"], body["messages"][-1]["content"]]
+        text = self.answers.get((body["model"], body["messages"][-1]["content"]), "B" if body["model"] == POOL[0] else None)
+        if text is None:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = json.dumps({"id": "replay", "object": "chat.completion", "created": 0, "model": body["model"],
                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
@@ -146,8 +152,9 @@ def api(ray_session, artifact_dir, upstream):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {model: {"kind": "openai", "base_url": upstream, "timeout_s": 30, "max_retries": 0,
                         "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}} for model in POOL}
-    serve.run(build_app({"artifact": str(artifact_dir), "backends": backends, "default_policy": "cascade"}), name="cascades",
-              route_prefix="/")
+    config = {"artifact": str(artifact_dir), "backends": backends, "default_policy": "cascade", "max_attempts": len(POOL),
+              "cooldown": {"allowed_fails": 1000}}  # the failing backends below must not cool down
+    serve.run(build_app(config), name="cascades", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
         yield client
     serve.shutdown()
@@ -198,3 +205,15 @@ def test_route_is_still_one_model_and_route_only_refuses_a_cascade(api, offline)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "policy"
     wrong = ask(api, texts[0], policy="waterfall")
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "policy"
+
+
+def test_a_cascade_asks_another_model_when_a_backend_fails(api):
+    response = ask(api, "A prompt the upstream has no recorded answers for: which letter?", preset="quality")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    routing = body["routing"]
+    failed = [fallback["model"] for fallback in routing["fallbacks"]]
+    assert body["model"] == POOL[0] and [run["model"] for run in routing["cascade"]] == [POOL[0]]
+    assert failed and len(set(failed)) == len(failed) and POOL[0] not in failed  # none asked twice
+    assert all(fallback["reason"] == "HTTP 500" for fallback in routing["fallbacks"])
+    assert response.headers["x-router-fallbacks"] == str(len(failed))
