@@ -17,11 +17,12 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from training.answers import AnswerFacts, agreement, embed_answers
+from serve.answer_facts import AnswerFacts, agreement
+from serve.posthoc import FEATURE_GROUPS
+from training.answers import embed_answers
 from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.metrics import curve_aiq
-from training.posthoc import FEATURE_GROUPS
 from training.protocols import training_rows
 from training.routers.base import ArtifactRouter, TrainingSet, validation_score
 from training.routers.cascade import DEFAULT_GROUPS, CascadeRoutingPolicy

@@ -36,6 +36,10 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
     unknown = sorted(set(config.backends) - set(artifact.models))
     if unknown:
         raise ValueError(f"backends configured for {unknown}, which are not in the artifact's pool {artifact.models}")
+    if config.default_policy == "cascade" and artifact.posthoc is None:
+        raise ValueError(f"default_policy cascade: the artifact {artifact.path} has no post-hoc estimator to judge answers with "
+                         "(its training data recorded no answers); fit one on a dataset with answers (`python -m training fit "
+                         "--dataset routerbench_partial --out ...`), or set default_policy: route")
     engines, specs = build_backends(config, artifact.models)
     ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
     return RouterIngress.bind(
@@ -45,4 +49,5 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
         specs,
         config,
         ledger,
+        artifact.posthoc is not None,
     )

@@ -3,10 +3,13 @@
     ARTIFACT_DIR/manifest.json   format version, embedder, pool (models, prices), cost model scale, training
                                  config, validation metrics, and the sha256 of every other file
     ARTIFACT_DIR/weights.npz     the task classifier, the mixture of experts, the task quality table, the
-                                 blend weight and the cost model, as plain arrays
+                                 blend weight and the cost model, as plain arrays; where the training data
+                                 recorded the models' answers, the post-hoc estimator that judges answers
+                                 for cascades (`posthoc_*` arrays, its feature groups in the manifest)
 
 Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
-deployment load this one type and call `route`, which ends in the shared decision rule.
+deployment load this one type and call `route`, which ends in the shared decision rule (or, for cascades,
+`serve.cascade.next_step` with `posthoc`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import numpy as np
 
 from serve.decision import CostModel, rank_models
 from serve.features import FEATURE_NAMES, prompt_features
+from serve.posthoc import ESTIMATOR_ARRAYS, PostHocEstimator
 
 # 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.features).
-FORMAT_VERSION = 3
+# 4: an optional post-hoc estimator. A format-3 artifact reads as one without it; a build that reads only 3
+# refuses a 4, which may hold an estimator it would ignore.
+FORMAT_VERSION = 4
+READABLE_FORMATS = (3, 4)
+POSTHOC_PREFIX = "posthoc_"
 WEIGHT_ARRAYS = (
     "feature_mean",  # [F] standardisation of the prompt features
     "feature_std",  # [F]
@@ -105,6 +113,26 @@ class RouterArtifact:
     def cost_model(self) -> CostModel:
         return CostModel(per_token=self.weights["cost_per_token"], fixed=self.weights["cost_fixed"])
 
+    @property
+    def embedding_dimension(self) -> int:
+        return self.weights["trunk_w"].shape[0] - len(FEATURE_NAMES)
+
+    @property
+    def posthoc(self) -> PostHocEstimator | None:
+        """The estimator that judges answers for cascades; None where the training data recorded no answers."""
+        if "posthoc" not in self.manifest:
+            return None
+        arrays = {name: self.weights[POSTHOC_PREFIX + name] for name in ESTIMATOR_ARRAYS}
+        return PostHocEstimator(groups=tuple(self.manifest["posthoc"]["groups"]), **arrays)
+
+    def with_posthoc(self, estimator: PostHocEstimator, details: dict) -> RouterArtifact:
+        """The same router with a post-hoc estimator; `details` (how it was fitted) go to the manifest."""
+        arrays = {POSTHOC_PREFIX + name: array for name, array in estimator.arrays().items()}
+        return RouterArtifact({**self.manifest, "posthoc": {"groups": list(estimator.groups), **details}}, {**self.weights, **arrays})
+
+    def _array_names(self) -> list[str]:
+        return list(WEIGHT_ARRAYS) + ([POSTHOC_PREFIX + name for name in ESTIMATOR_ARRAYS] if "posthoc" in self.manifest else [])
+
     def with_blend(self, blend: float) -> RouterArtifact:
         """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
         return RouterArtifact(self.manifest, {**self.weights, "blend": np.float32(blend)})
@@ -155,13 +183,13 @@ class RouterArtifact:
     def save(self, path: Path | str) -> Path:
         """Write atomically: a complete artifact appears at `path`, or nothing changes there."""
         path = Path(path)
-        missing = [name for name in WEIGHT_ARRAYS if name not in self.weights]
+        missing = [name for name in self._array_names() if name not in self.weights]
         if missing:
             raise ArtifactError(f"cannot save an artifact without {missing}")
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            np.savez(staging / "weights.npz", **{name: self.weights[name] for name in WEIGHT_ARRAYS})
+            np.savez(staging / "weights.npz", **{name: self.weights[name] for name in self._array_names()})
             manifest = {
                 **self.manifest,
                 "format_version": FORMAT_VERSION,
@@ -195,9 +223,9 @@ class RouterArtifact:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise ArtifactError(f"{manifest_path}: not valid JSON ({error.msg})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, this build reads {FORMAT_VERSION}; "
-                                f"train it again with `python -m training fit`")
+        if manifest.get("format_version") not in READABLE_FORMATS:
+            raise ArtifactError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, this build reads "
+                                f"{' and '.join(map(str, READABLE_FORMATS))}; train it again with `python -m training fit`")
         for name, expected in manifest.get("checksums", {}).items():
             if not (path / name).is_file():
                 raise ArtifactError(f"{path / name}: missing (the artifact is incomplete)")
@@ -207,12 +235,18 @@ class RouterArtifact:
             raise ArtifactError(f"{manifest_path}: no checksum for weights.npz")
         with np.load(path / "weights.npz") as archive:
             weights = {name: archive[name] for name in archive.files}
-        missing = [name for name in WEIGHT_ARRAYS if name not in weights]
+        artifact = cls(manifest, weights, path)
+        missing = [name for name in artifact._array_names() if name not in weights]
         if missing:
             raise ArtifactError(f"{path / 'weights.npz'}: missing arrays {missing}")
         models = len(manifest["models"])
-        if weights["general_w"].shape[1] != models or weights["task_quality"].shape[1] != models:
-            raise ArtifactError(f"{path}: weights are for {weights['general_w'].shape[1]} models, the manifest lists {models}")
+        shapes = {"general_w": weights["general_w"].shape[1], "task_quality": weights["task_quality"].shape[1]}
+        if "posthoc" in manifest:
+            shapes |= {name: weights[POSTHOC_PREFIX + name].shape[0] for name in ("answer_weights", "resolution")}
+            shapes["prior_weights"] = weights[POSTHOC_PREFIX + "prior_weights"].shape[0] - 2
+        for name, size in shapes.items():
+            if size != models:
+                raise ArtifactError(f"{path}: weights are for {size} models, the manifest lists {models} ({name})")
         if manifest.get("features") != list(FEATURE_NAMES):
             raise ArtifactError(f"{manifest_path}: trained with prompt features {manifest.get('features')}, this build computes {list(FEATURE_NAMES)}")
-        return cls(manifest, weights, path)
+        return artifact

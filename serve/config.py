@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from serve.decision import PRESETS
+from serve.protocol import POLICIES
 
 STAND_IN_NAME = "SmolLM2-135M-Instruct"
 
@@ -143,6 +144,7 @@ class RouterAppConfig(_Strict):
 
     artifact: str = "artifacts/llmrouter_9model"
     default_preset: Literal[tuple(PRESETS)] = "balanced"  # for requests that set no cost weight or preset
+    default_policy: Literal[POLICIES] = "route"  # for requests that set no policy; cascade needs a post-hoc estimator
     max_attempts: PositiveInt = 3  # backends tried per request: the routed model and up to max_attempts - 1 fallbacks
     embedder: EmbedderConfig = EmbedderConfig()
     local: LocalEngineConfig = LocalEngineConfig()

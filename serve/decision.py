@@ -2,8 +2,8 @@
 of a cascade.
 
 The evaluation harness, the batch job and the Ranker deployment all call `rank_models`, so what is evaluated
-is what is served; the evaluation plays cascades with `cascade_step` (the Serve app and the batch job do not
-offer cascades yet). NumPy only: no Ray, no torch.
+is what is served; all three take every cascade step with `cascade_step` (through `serve.cascade.next_step`).
+NumPy only: no Ray, no torch.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from ray import serve
 from ray.serve.metrics import Histogram
 
 from serve.artifact import RouterArtifact
+from serve.cascade import judged_answers, next_step
 from serve.config import EmbedderConfig
 from serve.encoder import count_tokens, encode, load_encoder
 from serve.features import WINDOW_CHARS
@@ -46,13 +48,24 @@ class Embedder:
         return encode(self.encoder, [text[:WINDOW_CHARS] for text in texts]), count_tokens(texts, self.name)
 
 
+@dataclass(frozen=True)
+class CascadeVerdict:
+    """One step of a request's cascade, as the Ranker tells the ingress."""
+
+    next_model: str | None  # the model to ask now; None: stop
+    answer: str | None  # the model whose answer is the best so far; None before any answer
+    posthoc_quality: dict[str, float]  # each answer obtained, judged against the others
+
+
 @serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512)
 class Ranker:
     """Loads the artifact once and ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
-    leaving out the models whose context window cannot hold the prompt and the answer."""
+    leaving out the models whose context window cannot hold the prompt and the answer; for cascades, judges the
+    answers obtained and takes the next step with `serve.cascade.next_step`, the evaluation's and the batch job's."""
 
     def __init__(self, artifact_path: str, context_windows: dict[str, int | None]):
         self.artifact = RouterArtifact.load(artifact_path)
+        self.estimator = self.artifact.posthoc
         self.models = self.artifact.models
         self.context_windows = np.array([context_windows.get(model) or np.inf for model in self.models], float)
         self.decision_latency = Histogram(
@@ -70,8 +83,7 @@ class Ranker:
                 max_cost: float | None, output_tokens: int) -> RoutingDecision:
         started = time.perf_counter()
         embedding, prompt_tokens = embedded
-        candidate = np.ones(len(self.models), bool) if candidates is None else np.isin(self.models, candidates)
-        fits = self.context_windows >= prompt_tokens + output_tokens
+        candidate, fits = self._admissible(candidates, prompt_tokens, output_tokens)
         allowed = candidate & fits
         # When no candidate fits, rank the candidates anyway, so the answer still says what each one lacks.
         decision = self.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
@@ -88,6 +100,39 @@ class Ranker:
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms)
+
+    def _admissible(self, candidates: list[str] | None, prompt_tokens: int, output_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """[M] bool each: among the request's candidates; holding the prompt and the answer."""
+        candidate = np.ones(len(self.models), bool) if candidates is None else np.isin(self.models, candidates)
+        return candidate, self.context_windows >= prompt_tokens + output_tokens
+
+    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+                    answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
+        """The next step of a request's cascade: `decision` is its routing decision (the ex-ante estimates and
+        costs), `answers` model -> (answer text, embedding of its opening) the answers obtained so far, and
+        `unavailable` the models whose backends failed."""
+        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, output_tokens, answers, unavailable)
+
+    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+               answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
+        by_model = {entry.model: entry for entry in decision.ranking}
+        ex_ante = np.array([[by_model[model].predicted_quality for model in self.models]])
+        cost = np.array([[by_model[model].estimated_cost for model in self.models]])
+        responses = np.array([[answers[model][0] if model in answers else "" for model in self.models]], dtype=object)
+        embeddings = np.zeros((1, len(self.models), self.artifact.embedding_dimension), np.float32)
+        for index, model in enumerate(self.models):
+            if model in answers:
+                embeddings[0, index] = answers[model][1]
+        ran = np.isin(self.models, list(answers))[None]
+        candidate, fits = self._admissible(candidates, decision.prompt_tokens, output_tokens)
+        allowed = candidate & fits & ~np.isin(self.models, unavailable)
+        judgement = next_step(self.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
+                              self.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)
+        step = judgement.step
+        return CascadeVerdict(
+            next_model=self.models[step.next_model[0]] if step.next_model[0] >= 0 else None,
+            answer=self.models[step.answer[0]] if step.answer[0] >= 0 else None,
+            posthoc_quality={model: float(judgement.quality[0, index]) for index, model in enumerate(self.models) if model in answers})
 
     def _why_not(self, index: int, candidate: np.ndarray, fits: np.ndarray, prompt_tokens: int, output_tokens: int) -> str:
         if not candidate[index]:

@@ -138,12 +138,13 @@ def _caller(request: Request) -> Caller:
 @serve.ingress(app)
 class RouterIngress:
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, engines: dict[str, DeploymentHandle],
-                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None):
+                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None,
+                 cascades: bool = False):
         backends = {model: PoolBackend(spec, engines[spec.engine]) for model, spec in specs.items()}
         app.state.keyring = KeyRing(read_api_keys(config.access))
         app.state.max_body_bytes = config.limits.max_body_bytes
         self.config = config
-        self.chat = RoutedChat(embedder, ranker, backends, config, ledger)
+        self.chat = RoutedChat(embedder, ranker, backends, config, ledger, cascades)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -161,6 +162,9 @@ class RouterIngress:
     @app.post("/v1/route")
     async def route(self, body: RouteRequest, request: Request) -> RouteResponse:
         check_limits(body, body.messages, self.config)
+        if body.policy == "cascade":
+            raise APIError(400, "policy: /v1/route returns the routing decision alone, and a cascade decides on the models' "
+                                "answers; send the request to /v1/chat/completions", param="policy")
         decision = await self.chat.route(body.text(), body, body.output_tokens(), _caller(request))
         return RouteResponse(model=decision.eligible_models()[0], **decision.model_dump())
 

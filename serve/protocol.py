@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from serve.decision import PRESETS
 
 ROUTER_MODEL = "router"  # the `model` name that asks the router to choose
+# route: the router picks one model, which answers. cascade: the router asks models one at a time, judges each
+# answer, and returns the best once another answer is not worth its cost (the artifact needs a post-hoc estimator).
+POLICIES = ("route", "cascade")
 
 
 class APIError(Exception):
@@ -61,6 +64,8 @@ class RoutingControls(BaseModel):
     preset: Literal[tuple(PRESETS)] | None = Field(None, description=f"a named cost weight: {PRESETS}")
     candidates: list[str] | None = Field(None, min_length=1, description="route among these pool models only")
     max_cost: float | None = Field(None, gt=0, description="USD per request, on the router's estimate")
+    policy: Literal[POLICIES] | None = Field(None, description="route (one model answers) or cascade (answers judged, "
+                                                                "escalated while it pays); default: the app's default_policy")
 
     @model_validator(mode="after")
     def _one_knob(self):
@@ -166,12 +171,23 @@ class Fallback(BaseModel):
     reason: str
 
 
+class CascadeRun(BaseModel):
+    """One model a cascade asked, in order."""
+
+    model: str
+    posthoc_quality: float  # its answer's estimated quality, judged against every answer the cascade obtained
+    estimated_cost: float  # USD
+
+
 class RoutingInfo(BaseModel):
     """The `routing` field of every chat response (the first chunk's when streamed)."""
 
     decision: RoutingDecision | None  # None when the request named a pool model itself
     fallbacks: list[Fallback] = []  # the models that failed before `model` answered, in order
     stand_in: str | None = None  # the local model that generated the answer in place of `model`
+    policy: Literal[POLICIES] | None = None  # how the router answered; None when the request named a pool model
+    cascade: list[CascadeRun] | None = None  # under `cascade`: every model asked, in order; `model` gave the answer
+    note: str | None = None  # why the policy differs from the one asked for
 
 
 class ModelCard(BaseModel):

@@ -15,6 +15,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
+from serve.answer_facts import answer_opening
 from serve.config import RouterAppConfig
 from serve.cooldown import Cooldowns
 from serve.failures import BackendFailure
@@ -22,6 +23,7 @@ from serve.pool import PoolBackend
 from serve.protocol import (
     ROUTER_MODEL,
     APIError,
+    CascadeRun,
     ChatCompletionRequest,
     ChatMessage,
     Fallback,
@@ -79,10 +81,17 @@ def check_limits(request: OutputSize, messages: list[ChatMessage] | None, config
             raise APIError(400, f"{name}: {value} is over the limit of {cap}", param=name)
 
 
+NO_ESTIMATOR = ("routed: the router artifact has no post-hoc estimator to judge answers with (its training data recorded "
+                "no answers), so a cascade is not available")
+
+
 class RoutedChat:
+    """`cascades`: whether the artifact can judge answers (has a post-hoc estimator)."""
+
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
-                 config: RouterAppConfig, ledger: DeploymentHandle | None = None):
+                 config: RouterAppConfig, ledger: DeploymentHandle | None = None, cascades: bool = False):
         self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
+        self.cascades = cascades
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
@@ -112,9 +121,14 @@ class RoutedChat:
             logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
         # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
         embedded = self.embedder.embed.remote(text)
+        return await self._within_capacity(self.ranker.decide.remote(
+            embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates, controls.max_cost,
+            output_tokens))
+
+    async def _within_capacity(self, call):
+        """The result of a call to the Embedder or the Ranker; 503 when its queue is full."""
         try:
-            return await self.ranker.decide.remote(embedded, text, controls.resolved_cost_weight(self.config.default_preset),
-                                                   controls.candidates, controls.max_cost, output_tokens)
+            return await call
         except BackPressureError:
             raise APIError(503, "the router is overloaded; retry shortly", type="service_unavailable", code="overloaded",
                            retry_after_s=self.config.limits.retry_after_s) from None
@@ -122,8 +136,13 @@ class RoutedChat:
     async def chat(self, request: ChatCompletionRequest, caller: Caller) -> ChatResult:
         check_limits(request, request.messages, self.config)
         await self._check_spend(caller)
+        note = None
         if request.model == ROUTER_MODEL:
             decision = await self.route(routing_text(request.messages), request, request.output_tokens(), caller)
+            if (request.policy or self.config.default_policy) == "cascade":
+                if self.cascades:
+                    return await self._cascade(request, decision, caller)
+                note = NO_ESTIMATOR
             order, cost = decision.eligible_models(), decision.estimated_cost
         elif request.model in self.backends:
             controls = [name for name in RoutingControls.model_fields if getattr(request, name) is not None]
@@ -136,10 +155,10 @@ class RoutedChat:
         else:
             raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {list(self.backends)}",
                            param="model", code="model_not_found")
-        return await self._answer(request, order, decision, cost, caller)
+        return await self._answer(request, order, decision, cost, caller, note)
 
     async def _answer(self, request: ChatCompletionRequest, order: list[str], decision: RoutingDecision | None,
-                      cost: Callable[[str], float] | None, caller: Caller) -> ChatResult:
+                      cost: Callable[[str], float] | None, caller: Caller, note: str | None = None) -> ChatResult:
         body, fallbacks, tried, cooling = request.backend_body(), [], set(), set()
         for model in order:
             backend = self.backends[model]
@@ -170,16 +189,72 @@ class RoutedChat:
             estimated_cost = cost(model) if cost is not None else None
             if estimated_cost is not None and self.ledger is not None and caller.key is not None:
                 await self.ledger.charge.remote(caller.key, estimated_cost)
-            routing = RoutingInfo(decision=decision, fallbacks=fallbacks, stand_in=backend.spec.stand_in).model_dump()
+            routing = RoutingInfo(decision=decision, fallbacks=fallbacks, stand_in=backend.spec.stand_in,
+                                  policy=None if decision is None else "route", note=note).model_dump()
             headers = self._answered(model, decision, fallbacks, estimated_cost)
             if request.stream:
                 return ChatResult(headers, stream=_event_stream(first, rest, model, routing, caller,
                                                                 lambda: self.cooldowns.failed(engine)))
             return ChatResult(headers, body={**first, "model": model, "routing": routing})
-        tried_list = "; ".join(f"{failure.model}: {failure.reason}" for failure in fallbacks)
         retry_after = min((self.cooldowns.seconds_left(engine) for engine in cooling), default=None) if not tried else None
-        raise APIError(503, f"no backend could answer ({tried_list or 'no eligible model'})", type="service_unavailable",
-                       code="backends_unavailable", retry_after_s=retry_after or self.config.limits.retry_after_s)
+        raise _unanswered(fallbacks, retry_after or self.config.limits.retry_after_s)
+
+    async def _cascade(self, request: ChatCompletionRequest, decision: RoutingDecision, caller: Caller) -> ChatResult:
+        """Cascade routing: ask the model the Ranker picks, without streaming; have its answer embedded (Embedder)
+        and every answer so far judged (Ranker); go on until the Ranker stops, then return the best answer (streamed
+        when asked). A failed or cooling backend is not asked again, as under routing, and after `max_attempts`
+        failures the cascade stops with the best answer it has."""
+        body = {name: value for name, value in request.backend_body().items() if name not in ("stream", "stream_options")}
+        completions: dict[str, dict] = {}  # in the order the models were asked
+        answers: dict[str, tuple[str, object]] = {}
+        unavailable: set[str] = set()
+        fallbacks: list[Fallback] = []
+        while len(fallbacks) < self.config.max_attempts:
+            verdict = await self._within_capacity(self.ranker.judge.remote(
+                decision, request.candidates, request.max_cost, request.output_tokens(), answers, sorted(unavailable)))
+            if verdict.next_model is None:
+                break
+            model = verdict.next_model
+            engine = self.backends[model].spec.engine
+            if not self.cooldowns.admit(engine):
+                reason = "cooling down after repeated failures"
+            else:
+                try:
+                    completions[model], _ = await self.backends[model].start(body, False, caller.request_id)
+                except BackendFailure as failure:
+                    logger.warning("request %s: backend %s failed (%s), the cascade goes on without it: %s",
+                                   caller.request_id, model, failure.reason, failure.detail or "-")
+                    self.cooldowns.failed(engine)
+                    self.metrics.fallbacks.inc(tags={"model": model})
+                    reason = failure.reason
+                except APIError as refusal:  # the backend is up; the request is at fault
+                    self.cooldowns.succeeded(engine)
+                    refusal.message = f"{model} refused the request: {refusal.message}"
+                    raise
+                else:
+                    self.cooldowns.succeeded(engine)
+                    text = completions[model]["choices"][0]["message"].get("content") or ""
+                    embedding, _ = await self._within_capacity(self.embedder.embed.remote(answer_opening(text)))
+                    answers[model] = (text, embedding)
+                    continue
+            fallbacks.append(Fallback(model=model, reason=reason))
+            # The stand-in engine serves several pool models: one failure speaks for all of them.
+            unavailable |= {name for name, backend in self.backends.items() if backend.spec.engine == engine}
+        if verdict.answer is None:
+            raise _unanswered(fallbacks, self.config.limits.retry_after_s)
+        model = verdict.answer
+        runs = [CascadeRun(model=name, posthoc_quality=verdict.posthoc_quality[name], estimated_cost=decision.estimated_cost(name))
+                for name in completions]
+        total_cost = sum(run.estimated_cost for run in runs)
+        if self.ledger is not None and caller.key is not None:
+            await self.ledger.charge.remote(caller.key, total_cost)
+        routing = RoutingInfo(decision=decision, fallbacks=fallbacks, stand_in=self.backends[model].spec.stand_in, policy="cascade",
+                              cascade=runs).model_dump()
+        headers = self._answered(model, decision, fallbacks, total_cost, list(completions))
+        if request.stream:
+            include_usage = bool((request.model_extra.get("stream_options") or {}).get("include_usage"))
+            return ChatResult(headers, stream=_completion_events(completions[model], model, routing, include_usage))
+        return ChatResult(headers, body={**completions[model], "model": model, "routing": routing})
 
     async def _check_spend(self, caller: Caller) -> None:
         limit = self.config.access.spend_limit_usd
@@ -192,8 +267,9 @@ class RoutedChat:
                            retry_after_s=resets_in)
 
     def _answered(self, model: str, decision: RoutingDecision | None, fallbacks: list[Fallback],
-                  estimated_cost: float | None) -> dict[str, str]:
-        """Record the answer in the metrics; the routing headers of the response."""
+                  estimated_cost: float | None, cascade: list[str] | None = None) -> dict[str, str]:
+        """Record the answer in the metrics; the routing headers of the response. Under a cascade (`cascade`: the
+        models asked), the estimated cost is the total over every model asked."""
         self.metrics.requests.inc(tags={"model": model, "routed": str(decision is not None).lower()})
         headers = {"x-router-model": model, "x-router-fallbacks": str(len(fallbacks))}
         if estimated_cost is not None:
@@ -201,7 +277,16 @@ class RoutedChat:
             headers["x-router-estimated-cost"] = f"{estimated_cost:.8g}"
         if decision is not None:
             headers["x-router-task"] = str(decision.task)
+            headers["x-router-policy"] = "route" if cascade is None else "cascade"
+        if cascade:
+            headers["x-router-cascade"] = ",".join(cascade)
         return headers
+
+
+def _unanswered(fallbacks: list[Fallback], retry_after_s: float) -> APIError:
+    tried = "; ".join(f"{failure.model}: {failure.reason}" for failure in fallbacks)
+    return APIError(503, f"no backend could answer ({tried or 'no eligible model'})", type="service_unavailable",
+                    code="backends_unavailable", retry_after_s=retry_after_s)
 
 
 def _sse(payload: dict | str) -> str:
@@ -227,4 +312,20 @@ async def _event_stream(first: dict, rest: AsyncIterator[dict], model: str, rout
                               "param": None, "code": None}})
     except APIError as error:
         yield _sse(error.body())
+    yield _sse("[DONE]")
+
+
+async def _completion_events(completion: dict, model: str, routing: dict, include_usage: bool) -> AsyncIterator[str]:
+    """A finished completion as the events of a stream (a cascade streams its answer once it has chosen it): each
+    choice's whole message in one chunk, the routing in the first, then the finish reasons, the usage when asked,
+    and [DONE]."""
+    chunk = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created", 0), "model": model}
+    choices = completion["choices"]
+    yield _sse({**chunk, "routing": routing, "choices": [
+        {"index": choice["index"], "delta": {"role": "assistant", "content": choice["message"].get("content")}, "finish_reason": None}
+        for choice in choices]})
+    yield _sse({**chunk, "choices": [{"index": choice["index"], "delta": {}, "finish_reason": choice.get("finish_reason")}
+                                     for choice in choices]})
+    if include_usage and completion.get("usage"):
+        yield _sse({**chunk, "choices": [], "usage": completion["usage"]})
     yield _sse("[DONE]")

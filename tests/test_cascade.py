@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_routing_set
 
-from training.answers import (
+from serve.answer_facts import (
     AnswerFacts,
     agreement,
     choice_letter,
@@ -14,7 +14,8 @@ from training.answers import (
     is_refusal,
     parses_as_python,
 )
-from training.posthoc import FEATURE_GROUPS, PostHocEstimator, fit_logistic
+from serve.posthoc import FEATURE_GROUPS
+from training.posthoc import fit_logistic, fit_posthoc
 from training.routers.base import TrainingSet
 from training.routers.cascade import agreement_outcome, frugal_outcome, run_cascade
 
@@ -73,7 +74,7 @@ def test_agreement_with_other_answers_sharpens_the_estimate():
     everything_seen = np.ones(held_out.table.scores.shape, bool)
     losses = {}
     for name, groups in {"all": FEATURE_GROUPS, "no_agreement": tuple(g for g in FEATURE_GROUPS if "agreement" not in g)}.items():
-        estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+        estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                          np.full(calibration.table.scores.shape, 0.5), groups)
         estimate = estimator.estimate(ex_ante, held_out.answers, agreement(held_out.answers), everything_seen)
         losses[name] = _log_loss(estimate, held_out.table.scores)
@@ -86,7 +87,7 @@ def test_played_cascade_pays_for_every_model_it_runs_and_returns_one_of_their_an
     data = answered_set()
     fit, rest = data.validation_split(0, fraction=0.5)
     calibration, test = rest.validation_split(1, fraction=0.5)
-    estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+    estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
                                      np.full(calibration.table.scores.shape, 0.5))
     ex_ante = np.tile(fit.table.scores.mean(axis=0), (len(test.table), 1))
     rows = np.arange(len(test.table))
@@ -133,3 +134,66 @@ def test_harness_runs_the_cascades_beside_the_routers_and_says_when_there_are_no
     assert list(plain["routers"]) == ["zero_router", "finerouter", "cascade"]
     assert plain["routers"]["cascade"]["aiq"] == pytest.approx(plain["routers"]["finerouter"]["aiq"])
     assert "reduce to routing" in markdown_table(plain)
+
+
+def test_the_artifact_carries_the_post_hoc_estimator_and_reads_older_ones_without(tmp_path):
+    import json
+
+    from serve.artifact import ArtifactError, RouterArtifact
+    from training.fit import FitConfig, fit_router
+    from training.moe import NetworkConfig
+    from training.routers.cascade import fit_cascade_estimator
+
+    data = answered_set(rows=300)
+    config = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local",
+                       network=NetworkConfig(epochs=5, task_epochs=2))
+    router = fit_router(data, config, log=lambda message: None)
+    estimator, scale = fit_cascade_estimator(router, data, config.seed)
+    path = router.with_posthoc(estimator, {"resolution_scale": scale}).save(tmp_path / "router")
+    loaded = RouterArtifact.load(path)
+    assert loaded.manifest["posthoc"] == {"groups": list(estimator.groups), "resolution_scale": scale}
+    for name, array in estimator.arrays().items():
+        np.testing.assert_array_equal(getattr(loaded.posthoc, name), array)
+    ex_ante, seen = np.full(data.table.scores.shape, 0.5), np.ones(data.table.scores.shape, bool)
+    agree = agreement(data.answers)
+    np.testing.assert_array_equal(loaded.posthoc.estimate(ex_ante, data.answers, agree, seen), estimator.estimate(ex_ante, data.answers, agree, seen))
+
+    assert RouterArtifact.load(router.save(tmp_path / "plain")).posthoc is None
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 3}))  # written before estimators
+    assert RouterArtifact.load(tmp_path / "plain").posthoc is None
+    (path / "manifest.json").write_text(json.dumps({**json.loads((path / "manifest.json").read_text()), "models": ["big", "mid"]}))
+    with pytest.raises(ArtifactError, match="weights are for 3 models, the manifest lists 2"):
+        RouterArtifact.load(path)
+
+
+def test_a_played_cascade_asks_another_model_when_an_answer_does_not_come():
+    from serve.cascade import play_cascade
+
+    data = answered_set(rows=200)
+    fit, calibration = data.validation_split(0, fraction=0.5)
+    estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+                            np.full(calibration.table.scores.shape, 0.5))
+    agree = agreement(calibration.answers)
+
+    class FirstCallFails:
+        """Every prompt's first call fails; the others answer as recorded."""
+
+        def __init__(self):
+            self.asked: dict[int, list[int]] = {}
+
+        def obtain(self, rows, models):
+            came = np.array([row in self.asked for row in rows.tolist()])
+            for row, model in zip(rows.tolist(), models.tolist()):
+                self.asked.setdefault(row, []).append(model)
+            return came, calibration.table.costs[rows, models]
+
+        def judged(self, rows):
+            return calibration.answers.subset(rows), agree[rows]
+
+    n = len(calibration.table)
+    source = FirstCallFails()
+    play = play_cascade(estimator, np.full((n, 3), 0.5), calibration.table.costs, source, 0.0, 1.0, max_depth=1)
+    first, second = zip(*(source.asked[row] for row in range(n)))
+    assert play.answer.tolist() == list(second) and all(a != b for a, b in zip(first, second))
+    assert play.ran.sum(axis=1).tolist() == [1] * n and play.runs[:, 0].tolist() == list(second)

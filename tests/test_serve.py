@@ -32,7 +32,7 @@ SAMPLE = 100  # test prompts checked against the offline decisions
 def test_chat_request_keeps_openai_fields_and_strips_routing_controls():
     request = ChatCompletionRequest.model_validate({
         "model": "router", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5,
-        "preset": "cheap", "candidates": ["a"], "max_cost": 0.01,
+        "preset": "cheap", "candidates": ["a"], "max_cost": 0.01, "policy": "cascade",
     })
     assert request.resolved_cost_weight("balanced") == 0.5
     assert request.backend_body() == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5}
@@ -40,6 +40,7 @@ def test_chat_request_keeps_openai_fields_and_strips_routing_controls():
 
 @pytest.mark.parametrize("body", [
     {"model": "router", "messages": [{"role": "user", "content": "hi"}], "preset": "cheap", "cost_weight": 0.1},
+    {"model": "router", "messages": [{"role": "user", "content": "hi"}], "policy": "waterfall"},
     {"model": "router", "messages": [{"role": "user", "content": "hi"}], "preset": "fast"},
     {"model": "router", "messages": [{"role": "user", "content": "hi"}], "cost_weight": -1},
     {"model": "router", "messages": [{"role": "user", "content": "hi"}], "candidates": []},
@@ -347,6 +348,18 @@ def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, b
 
 
 @pytest.mark.slow
+def test_a_cascade_without_a_post_hoc_estimator_is_routed_and_says_so(api, artifact_path):
+    from serve.app import build_app
+
+    response = api.post("/v1/chat/completions", json={"model": "router", "messages": QUESTION, "max_tokens": 4, "policy": "cascade"})
+    assert response.status_code == 200, response.text
+    routing = response.json()["routing"]
+    assert routing["policy"] == "route" and routing["cascade"] is None and "no post-hoc estimator" in routing["note"]
+    with pytest.raises(ValueError, match="default_policy cascade: .* has no post-hoc estimator"):
+        build_app({"artifact": str(artifact_path), "default_policy": "cascade"})
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": QUESTION}, 404, "model"),
     ({"model": "router", "messages": QUESTION, "candidates": ["nope"]}, 400, "candidates"),
@@ -354,6 +367,7 @@ def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, b
     ({"model": "router", "messages": [{"role": "system", "content": "no user turn"}]}, 400, "messages"),
     ({"messages": QUESTION}, 400, "model"),
     ({"model": "router", "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),  # refused by vLLM's request model
+    ({"model": "router", "messages": QUESTION, "policy": "waterfall"}, 400, "policy"),
 ])
 def test_bad_requests_get_openai_error_bodies(api, body, status, param):
     response = api.post("/v1/chat/completions", json=body)

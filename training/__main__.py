@@ -42,17 +42,23 @@ def _answer_embeddings(args, table):
 
 def _fit(args, table, embeddings) -> None:
     """Train on every training row (all rows but the dataset's own test and ood rows, less a seeded
-    `--holdout` fraction when asked), save the artifact."""
+    `--holdout` fraction when asked), save the artifact. Where the dataset records the models' answers, the
+    artifact also holds the post-hoc estimator that cascades judge answers with, fitted as the evaluation's
+    `cascade` fits it (on the router's own fit rows and validation slice)."""
     import numpy as np
 
-    from training.fit import fit_router
+    from serve.answer_facts import AnswerFacts
     from training.protocols import training_rows
     from training.routers.base import TrainingSet
+    from training.routers.cascade import fit_with_cascades
 
     rows = training_rows(table, args.holdout, args.seed)
-    artifact = fit_router(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows]), _fit_config(args))
+    answered = _answer_embeddings(args, table)
+    answers = None if answered is None else AnswerFacts.of(table.responses, answered).subset(rows)
+    artifact = fit_with_cascades(TrainingSet(table.subset(rows), np.asarray(embeddings)[rows], answers), _fit_config(args))
     artifact.save(args.out)
-    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows")
+    cascades = "cascades judge answers" if answers is not None else "no recorded answers, so routing only"
+    print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {len(rows)} training rows; {cascades}")
 
 
 def _fit_config(args) -> FitConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.answers import AnswerFacts
+from serve.answer_facts import AnswerFacts
 from training.datasets import RoutingTable
 from training.metrics import (
     bootstrap_gain,

@@ -16,6 +16,7 @@ import pyarrow as pa
 import serve.batch
 from serve.artifact import ArtifactError, RouterArtifact
 from serve.batch.answers import ANSWER_COLUMNS, Answerer
+from serve.batch.cascade import CASCADE_COLUMNS, BatchCascade
 from serve.batch.inputs import (
     BatchInputError,
     Chunk,
@@ -27,6 +28,7 @@ from serve.batch.inputs import (
 from serve.batch.output import RowRangeSink, prepare_output
 from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
 from serve.decision import PRESETS
+from serve.protocol import POLICIES
 
 # Reading and writing a chunk is light work: a fraction of a CPU each, so that parts are written while the
 # router actors still route (and a crash loses little) instead of waiting for a free core.
@@ -53,7 +55,7 @@ def _job_description(args: argparse.Namespace, artifact: RouterArtifact, job_inp
         "input": [[file.path, file.rows] for file in job_input.files],
         "artifact": os.path.abspath(artifact.path), "artifact_checksums": artifact.manifest.get("checksums"),
         "prompt_column": args.prompt_column, "cost_weight": cost_weight, "candidates": args.candidates,
-        "max_cost": args.max_cost, "format": args.format,
+        "max_cost": args.max_cost, "format": args.format, "policy": args.policy,
         "answers": {"endpoint": args.endpoint, "max_tokens": args.max_tokens} if args.generate else None,
     }
 
@@ -69,9 +71,16 @@ def build_dataset(args: argparse.Namespace):
         raise BatchInputError(f"--max-cost {args.max_cost}: must be zero or more (USD per prompt)")
     if args.generate and not args.endpoint:
         raise BatchInputError("--generate needs --endpoint (an OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1)")
+    if args.policy == "cascade" and not args.generate:
+        raise BatchInputError("--policy cascade needs --generate and --endpoint: a cascade decides on the models' answers")
+    if args.policy == "cascade" and artifact.posthoc is None:
+        raise BatchInputError(f"--policy cascade: the artifact {artifact.path} has no post-hoc estimator to judge answers with (its "
+                              "training data recorded no answers); fit one on a dataset with answers, or use --policy route")
     if args.api_key_env and args.api_key_env not in os.environ:
         raise BatchInputError(f"--api-key-env {args.api_key_env}: no such environment variable")
-    job_input = check_input(args.input, args.prompt_column, DECISION_COLUMNS + (ANSWER_COLUMNS if args.generate else ()))
+    cascade = args.policy == "cascade"
+    written = CASCADE_COLUMNS if cascade else DECISION_COLUMNS + (ANSWER_COLUMNS if args.generate else ())
+    job_input = check_input(args.input, args.prompt_column, written)
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -87,18 +96,19 @@ def build_dataset(args: argparse.Namespace):
     dataset = ray.data.from_items([{"chunk": index} for index in range(len(pieces))]).map_batches(
         _read_chunks, fn_kwargs={"job_input": job_input, "pieces": pieces}, batch_size=1, batch_format="pyarrow",
         num_cpus=IO_CPUS)
+    routing = {"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
+               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"}
+    answering = {"endpoint": args.endpoint, "max_tokens": args.max_tokens, "concurrency": args.concurrency, "timeout_s": args.timeout,
+                 "api_key_env": args.api_key_env}
     dataset = dataset.map_batches(
-        BatchRanker,
-        fn_constructor_kwargs={"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
-                               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"},
+        BatchCascade if cascade else BatchRanker, fn_constructor_kwargs={**routing, **answering} if cascade else routing,
         batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=args.actors),
         num_cpus=args.cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
     )
-    if args.generate:
+    if args.generate and not cascade:
         dataset = dataset.map_batches(
             Answerer,
-            fn_constructor_kwargs={"endpoint": args.endpoint, "prompt_column": args.prompt_column, "max_tokens": args.max_tokens,
-                                   "concurrency": args.concurrency, "timeout_s": args.timeout, "api_key_env": args.api_key_env},
+            fn_constructor_kwargs={**answering, "prompt_column": args.prompt_column},
             batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0, udf_modifying_row_count=False,  # waits on HTTP: needs no core of its own
         )
@@ -124,8 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs (and torch threads) per router actor")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per router actor (encoder on CUDA)")
     parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format")
+    parser.add_argument("--policy", choices=POLICIES, default="route",
+                        help="route: one model per prompt; cascade (with --generate): models asked in turn, each answer judged, "
+                             "the best returned (the artifact needs a post-hoc estimator)")
     answers = parser.add_argument_group("answers")
-    answers.add_argument("--generate", action="store_true", help="also answer each prompt with its routed model")
+    answers.add_argument("--generate", action="store_true", help="also answer each prompt with its routed model (or its cascade)")
     answers.add_argument("--endpoint", help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     answers.add_argument("--api-key-env", help="environment variable holding the endpoint's API key (read where the job's actors run)")
     answers.add_argument("--max-tokens", type=int, default=256)

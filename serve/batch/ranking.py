@@ -37,7 +37,9 @@ def _spread(values: list, present: np.ndarray, index: pd.Index, dtype: str) -> p
 class BatchRanker:
     """Ray Data actor: loads the artifact and its encoder once, then routes each batch of prompts.
 
-    A row without a prompt (null) gets null decision columns instead of failing the whole job."""
+    A row without a prompt (null) gets null output columns instead of failing the whole job."""
+
+    dtypes = _DECISION_DTYPES  # the columns it writes
 
     def __init__(self, artifact_dir: str, prompt_column: str, cost_weight: float, allowed: np.ndarray | None,
                  cost_cap: float | None, device: str):
@@ -48,15 +50,18 @@ class BatchRanker:
         self.prompt_column, self.cost_weight, self.allowed, self.cost_cap = prompt_column, cost_weight, allowed, cost_cap
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from serve.encoder import count_tokens, encode
-
         present = batch[self.prompt_column].notna().to_numpy()
         texts = batch[self.prompt_column][present].tolist()
-        columns = dict.fromkeys(DECISION_COLUMNS, [])
-        if texts:
-            decision = self.artifact.route(
-                encode(self.encoder, texts), texts, count_tokens(texts, self.artifact.embedder), self.cost_weight,
-                allowed=self.allowed, cost_cap=self.cost_cap,
-            )
-            columns = decision_columns(decision, self.artifact.models)
-        return batch.assign(**{name: _spread(values, present, batch.index, _DECISION_DTYPES[name]) for name, values in columns.items()})
+        columns = self.decide(texts) if texts else dict.fromkeys(self.dtypes, [])
+        return batch.assign(**{name: _spread(values, present, batch.index, self.dtypes[name]) for name, values in columns.items()})
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts' embeddings and token counts, as the Embedder deployment computes them."""
+        from serve.encoder import count_tokens, encode
+
+        return encode(self.encoder, texts), count_tokens(texts, self.artifact.embedder)
+
+    def decide(self, texts: list[str]) -> dict[str, list]:
+        embeddings, tokens = self.embed(texts)
+        decision = self.artifact.route(embeddings, texts, tokens, self.cost_weight, allowed=self.allowed, cost_cap=self.cost_cap)
+        return decision_columns(decision, self.artifact.models)

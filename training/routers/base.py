@@ -15,9 +15,9 @@ from functools import cached_property
 import faiss
 import numpy as np
 
+from serve.answer_facts import AnswerFacts
 from serve.artifact import RouterArtifact
 from serve.decision import CostModel
-from training.answers import AnswerFacts
 from training.datasets import RoutingTable
 from training.metrics import curve_aiq, trace_curve
 

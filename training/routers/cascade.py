@@ -1,7 +1,8 @@
 """Cascades as the evaluation runs them: several models may answer one prompt, and the prompt costs the sum.
 
 - `cascade`: cascade routing (`serve.decision.cascade_step`) on FineRouter's ex-ante estimates and the
-  post-hoc estimator's judgement of every answer obtained (`training.posthoc`).
+  post-hoc estimator's judgement of every answer obtained (`serve.posthoc`, fitted by `training.posthoc`), played
+  by `serve.cascade.play_cascade`, the loop the batch job runs.
 - `agreement_cascade`: a fixed chain of cheaper models all answer; if they agree the first one's answer
   stands, else the dearest model answers. Nothing is fitted, so the chain is chosen on the whole training
   fold, one per cost weight.
@@ -18,14 +19,18 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serve.decision import CASCADE_DEPTH, cascade_step
-from training.answers import AnswerFacts, agreement
+from serve.answer_facts import AnswerFacts, agreement
+from serve.artifact import RouterArtifact
+from serve.cascade import play_cascade
+from serve.decision import CASCADE_DEPTH
+from serve.posthoc import PostHocEstimator
+from training.fit import FitConfig, fit_router
 from training.metrics import COST_WEIGHTS, curve_aiq
-from training.posthoc import PostHocEstimator
+from training.posthoc import fit_posthoc
 from training.routers.base import TrainingSet
 from training.routers.finerouter import evaluation_fit
 
@@ -34,7 +39,7 @@ Curve = tuple[np.ndarray, np.ndarray]
 TEXT_AGREEMENT_THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 SCORER_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # The post-hoc features kept: the answer's embedding, length and format checks
-# (`training.posthoc.FEATURE_GROUPS`) did not earn their place on held-out validation
+# (`serve.posthoc.FEATURE_GROUPS`) did not earn their place on held-out validation
 # (benchmarks/posthoc_features.py, README).
 DEFAULT_GROUPS = ("agreement", "text_agreement", "ex_ante")
 RESOLUTION_SCALES = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
@@ -51,73 +56,90 @@ class CascadeOutcome:
     cost: np.ndarray
 
 
+class RecordedAnswers:
+    """The evaluation's answer source for `serve.cascade.play_cascade`: every answer is recorded, so every call
+    succeeds and costs what the data says."""
+
+    def __init__(self, facts: AnswerFacts, costs: np.ndarray):
+        self.facts, self.agree, self.costs = facts, agreement(facts), costs
+
+    def obtain(self, rows, models):
+        return np.ones(len(rows), bool), self.costs[rows, models]
+
+    def judged(self, rows):
+        return self.facts.subset(rows), self.agree[rows]
+
+
 def run_cascade(ex_ante, estimated_cost, data: TrainingSet, estimator: PostHocEstimator, cost_weight: float, cost_scale: float,
                 max_depth: int = CASCADE_DEPTH) -> CascadeOutcome:
-    """Play cascade routing on recorded answers: at each step the decision rule sees the (calibrated) ex-ante
-    estimates of the models not run, the post-hoc estimates of those run (each judged against the others run), the
-    estimated costs of the former and the true costs of the latter. Every prompt still going has run `depth`
-    models, so the models it may run next have seen `depth` answers: their resolution is the one for `depth`."""
-    table, facts = data.table, data.answers
-    n, m = table.scores.shape
-    agree = agreement(facts)
-    prior = estimator.calibrated_ex_ante(ex_ante)
-    ran = np.zeros((n, m), bool)
-    runs = np.full((n, max_depth), -1)
-    answer = np.full(n, -1)
-    active = np.arange(n)  # prompts whose cascade has not stopped
-    for depth in range(max_depth + 1):
-        posthoc = estimator.estimate(ex_ante[active], facts.subset(active), agree[active], ran[active])
-        step = cascade_step(np.where(ran[active], posthoc, prior[active]), np.where(ran[active], table.costs[active], estimated_cost[active]),
-                            ran[active], cost_weight, cost_scale, resolution=estimator.resolution[:, min(depth, estimator.resolution.shape[1] - 1)],
-                            max_depth=max_depth)
-        answer[active] = step.answer
-        going = step.next_model >= 0
-        active, next_model = active[going], step.next_model[going]
-        if not len(active):
-            break
-        ran[active, next_model] = True
-        runs[active, depth] = next_model
-    rows = np.arange(n)
-    return CascadeOutcome(runs, answer, table.scores[rows, answer], (table.costs * ran).sum(axis=1))
+    """Play cascade routing on recorded answers, as the batch job and the Ranker play it on live ones: at each
+    step the decision rule sees the (calibrated) ex-ante estimates of the models not run, the post-hoc estimates
+    of those run (each judged against the others run), the estimated costs of the former and the true costs of
+    the latter."""
+    table = data.table
+    play = play_cascade(estimator, ex_ante, estimated_cost, RecordedAnswers(data.answers, table.costs), cost_weight, cost_scale,
+                        max_depth=max_depth)
+    rows = np.arange(len(table))
+    return CascadeOutcome(play.runs, play.answer, table.scores[rows, play.answer], (table.costs * play.ran).sum(axis=1))
 
 
 def _curve(outcomes: list[tuple[np.ndarray, np.ndarray]]) -> Curve:
     return np.stack([c for c, _ in outcomes]), np.stack([q for _, q in outcomes])
 
 
+def fit_cascade_estimator(artifact: RouterArtifact, data: TrainingSet, seed: int, groups: tuple[str, ...] = DEFAULT_GROUPS,
+                          validation_fraction: float = 0.2) -> tuple[PostHocEstimator, float]:
+    """The post-hoc estimator of a router fitted on `data` with this seed (`training.fit.fit_router`): its answer
+    model on the router's fit rows, its combination, calibration and resolution scale on the router's validation
+    slice (where the router's predictions are honest: that slice only chose its settings). Returns the estimator,
+    its resolutions scaled, and the scale."""
+    fit, calibration = data.validation_split(seed, validation_fraction)
+    estimator = fit_posthoc(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
+                            artifact.predict(calibration.embeddings, calibration.table.prompts)[0], groups, seed)
+    scale = _resolution_scale(artifact, estimator, calibration)
+    return replace(estimator, resolution=estimator.resolution * scale), scale
+
+
+def fit_with_cascades(data: TrainingSet, config: FitConfig, log=print) -> RouterArtifact:
+    """FineRouter's artifact (`training.fit.fit_router`), with the post-hoc estimator where `data` has answers."""
+    artifact = fit_router(data, config, log)
+    if data.answers is None:
+        return artifact
+    estimator, scale = fit_cascade_estimator(artifact, data, config.seed, validation_fraction=config.validation_fraction)
+    log(f"post-hoc estimator: features {list(estimator.groups)}, resolution scale {scale} (chosen on validation)")
+    return artifact.with_posthoc(estimator, {"resolution_scale": scale})
+
+
+def _resolution_scale(artifact: RouterArtifact, estimator: PostHocEstimator, calibration: TrainingSet) -> float:
+    """The factor on the measured resolutions that gives the best AIQ on the validation slice. The rule takes
+    the models' outcomes as independent, while cheap models share their mistakes, so the measured resolutions
+    overstate what running several models buys; at 0 the cascade is routing."""
+    scores = [curve_aiq(_trace(artifact, replace(estimator, resolution=estimator.resolution * factor), calibration, COST_WEIGHTS[::3]),
+                        calibration.table.costs)
+              for factor in RESOLUTION_SCALES]
+    return RESOLUTION_SCALES[int(np.argmax(scores))]
+
+
+def _trace(artifact: RouterArtifact, estimator: PostHocEstimator, test: TrainingSet, weights=COST_WEIGHTS) -> Curve:
+    """The cascade's curve on `test`'s recorded answers: the artifact's estimates and cost model, this estimator."""
+    ex_ante, estimated = artifact.predict(test.embeddings, test.table.prompts)[0], artifact.cost_model.estimate(test.table.prompt_tokens)
+    outcomes = [run_cascade(ex_ante, estimated, test, estimator, w, artifact.cost_scale) for w in weights]
+    return _curve([(o.cost, o.quality) for o in outcomes])
+
+
 class CascadeRoutingPolicy:
-    """`cascade`: FineRouter (the harness's own fit on this training set and seed) for the ex-ante estimates;
-    the post-hoc estimator's answer model fitted on FineRouter's fit rows, its combination and calibration on
-    FineRouter's validation slice (where FineRouter's predictions are honest: that slice only chose its
-    settings)."""
+    """`cascade`: FineRouter (the harness's own fit on this training set and seed) for the ex-ante estimates, and
+    its post-hoc estimator (`fit_cascade_estimator`), as `python -m training fit` stores them in the artifact."""
 
     def __init__(self, data: TrainingSet, seed: int, groups: tuple[str, ...] = DEFAULT_GROUPS):
         self.artifact = evaluation_fit(data, seed)
-        self.cost_model, self.cost_scale = data.cost_model, data.cost_scale
-        fit, calibration = data.validation_split(seed)
-        self.estimator = PostHocEstimator.fit(fit.answers, fit.table.scores, calibration.answers, calibration.table.scores,
-                                              self.ex_ante(calibration), groups, seed)
-        self.estimator.resolution = self.estimator.resolution * self._resolution_scale(calibration)
-
-    def _resolution_scale(self, calibration: TrainingSet) -> float:
-        """The factor on the measured resolutions that gives the best AIQ on the validation slice. The rule
-        takes the models' outcomes as independent, while cheap models share their mistakes, so the measured
-        resolutions overstate what running several models buys; at 0 the cascade is routing."""
-        measured = self.estimator.resolution
-        scores = []
-        for factor in RESOLUTION_SCALES:
-            self.estimator.resolution = measured * factor
-            scores.append(curve_aiq(self.trace(calibration, COST_WEIGHTS[::3]), calibration.table.costs))
-        self.estimator.resolution = measured
-        return RESOLUTION_SCALES[int(np.argmax(scores))]
+        self.estimator, _ = fit_cascade_estimator(self.artifact, data, seed, groups)
 
     def ex_ante(self, data: TrainingSet) -> np.ndarray:
         return self.artifact.predict(data.embeddings, data.table.prompts)[0]
 
     def trace(self, test: TrainingSet, weights=COST_WEIGHTS) -> Curve:
-        ex_ante, estimated = self.ex_ante(test), self.cost_model.estimate(test.table.prompt_tokens)
-        outcomes = [run_cascade(ex_ante, estimated, test, self.estimator, w, self.cost_scale) for w in weights]
-        return _curve([(o.cost, o.quality) for o in outcomes])
+        return _trace(self.artifact, self.estimator, test, weights)
 
 
 def _fixed_policy_curve(outcomes_fit: list[tuple[np.ndarray, np.ndarray]], outcomes_test: list[tuple[np.ndarray, np.ndarray]],
