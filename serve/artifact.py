@@ -3,7 +3,7 @@
     ARTIFACT_DIR/manifest.json   format version, embedder, pool (models, prices), cost model scale, training
                                  config, validation metrics, and the sha256 of every other file
     ARTIFACT_DIR/weights.npz     the task classifier, the mixture of experts, the task quality table, the
-                                 blend weight and the cost model, as plain arrays
+                                 blend weight, the fallback toward the prior and the cost model, as plain arrays
 
 Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
 deployment load this one type and call `route`, which ends in the shared decision rule.
@@ -25,7 +25,10 @@ from serve.decision import CostModel, rank_models
 from serve.features import FEATURE_NAMES, prompt_features
 
 # 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.features).
-FORMAT_VERSION = 3
+# 4: the fallback toward the prior on unfamiliar prompts (prior quality, familiar prompts, the fallback curve).
+FORMAT_VERSION = 4
+# Familiarity: the mean cosine similarity of a prompt to this many nearest of the artifact's familiar prompts.
+FAMILIAR_NEIGHBOURS = 10
 WEIGHT_ARRAYS = (
     "feature_mean",  # [F] standardisation of the prompt features
     "feature_std",  # [F]
@@ -42,6 +45,10 @@ WEIGHT_ARRAYS = (
     "candidates",  # [T, M] 1 where the model is one of the task's candidates
     "task_quality",  # [T, M] each model's mean quality on each task, shrunk toward the global mean
     "blend",  # [] weight of the MoE against the task table
+    "prior_quality",  # [M] each model's mean training score: the estimate for a prompt unlike any training prompt
+    "familiar_embeddings",  # [S, D] a capped sample of the prompts the networks were fitted on
+    "fallback_center",  # [] familiarity at which the learned estimate and the prior weigh the same (-inf: no fallback)
+    "fallback_slope",  # [] how fast the weight of the learned estimate rises with familiarity
     "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
     "cost_fixed",  # [M]
 )
@@ -54,6 +61,10 @@ class ArtifactError(ValueError):
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _logistic(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(x / 2))  # without overflow
 
 
 def network_inputs(embeddings: np.ndarray, texts: list[str], feature_mean: np.ndarray, feature_std: np.ndarray) -> np.ndarray:
@@ -109,6 +120,27 @@ class RouterArtifact:
         """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
         return RouterArtifact(self.manifest, {**self.weights, "blend": np.float32(blend)})
 
+    def with_fallback(self, center: float, slope: float) -> RouterArtifact:
+        """The same router with another fallback curve (center -inf: the learned estimate everywhere)."""
+        return RouterArtifact(self.manifest, {**self.weights, "fallback_center": np.float32(center), "fallback_slope": np.float32(slope)})
+
+    def familiarity(self, embeddings: np.ndarray, rows_per_block: int = 4096) -> np.ndarray:
+        """[N] mean cosine similarity of each prompt to its FAMILIAR_NEIGHBOURS nearest familiar prompts."""
+        familiar = self.weights["familiar_embeddings"].astype(np.float32)
+        k = min(FAMILIAR_NEIGHBOURS, len(familiar))
+        blocks = []
+        for start in range(0, len(embeddings), rows_per_block):  # bounds the [rows, S] similarity matrix
+            similarity = np.asarray(embeddings[start:start + rows_per_block], np.float32) @ familiar.T
+            blocks.append(-np.partition(-similarity, k - 1, axis=1)[:, :k].mean(axis=1))
+        return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+    def learned_weight(self, familiarity: np.ndarray) -> np.ndarray:
+        """[N] the weight of the learned estimate against the prior: a logistic curve of familiarity."""
+        center = float(self.weights["fallback_center"])
+        if center == -np.inf:
+            return np.ones(len(familiarity))
+        return _logistic(float(self.weights["fallback_slope"]) * (np.asarray(familiarity, float) - center))
+
     def inputs(self, embeddings: np.ndarray, texts: list[str]) -> np.ndarray:
         return network_inputs(embeddings, texts, self.weights["feature_mean"], self.weights["feature_std"])
 
@@ -125,13 +157,20 @@ class RouterArtifact:
         task_logits = np.einsum("nh,thm->ntm", hidden, w["task_w"]) + w["task_b"][None]
         return hidden @ w["general_w"] + w["general_b"] + np.einsum("nt,ntm->nm", tasks, task_logits * w["candidates"][None]), tasks
 
-    def predict_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """([N, M] blended quality, [N, T] task probabilities) from the networks' `inputs`."""
+    def learned_quality(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] the MoE blended with the task table, [N, T] task probabilities) from the networks' `inputs`."""
         w = self.weights
         logits, tasks = self.moe_logits(inputs)
-        moe = 0.5 * (1 + np.tanh(logits / 2))  # the logistic function, without overflow
         blend = float(w["blend"])
-        return blend * moe + (1 - blend) * (tasks @ w["task_quality"]), tasks
+        return blend * _logistic(logits) + (1 - blend) * (tasks @ w["task_quality"]), tasks
+
+    def predict_inputs(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([N, M] predicted quality, [N, T] task probabilities) from the networks' `inputs`: the learned estimate,
+        falling back toward the prior as the prompt (the inputs' leading embedding columns) gets unfamiliar."""
+        learned, tasks = self.learned_quality(inputs)
+        embeddings = inputs[:, : self.weights["familiar_embeddings"].shape[1]]
+        weight = self.learned_weight(self.familiarity(embeddings))[:, None]
+        return weight * learned + (1 - weight) * self.weights["prior_quality"][None, :], tasks
 
     def predict(self, embeddings: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """([N, M] blended quality, [N, T] task probabilities) of prompts: their embeddings and texts."""
@@ -211,7 +250,7 @@ class RouterArtifact:
         if missing:
             raise ArtifactError(f"{path / 'weights.npz'}: missing arrays {missing}")
         models = len(manifest["models"])
-        if weights["general_w"].shape[1] != models or weights["task_quality"].shape[1] != models:
+        if weights["general_w"].shape[1] != models or weights["task_quality"].shape[1] != models or len(weights["prior_quality"]) != models:
             raise ArtifactError(f"{path}: weights are for {weights['general_w'].shape[1]} models, the manifest lists {models}")
         if manifest.get("features") != list(FEATURE_NAMES):
             raise ArtifactError(f"{manifest_path}: trained with prompt features {manifest.get('features')}, this build computes {list(FEATURE_NAMES)}")

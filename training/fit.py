@@ -24,6 +24,7 @@ from training.routers.base import (
     Router,
     TrainingSet,
     inner_product_index,
+    routed_score,
     validation_score,
 )
 
@@ -41,6 +42,11 @@ class FitConfig:
     blends: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     prompt_features: bool = True  # surface features beside the embedding (off: the networks see zeros)
     validation_fraction: float = 0.2
+    # The fallback toward the prior on unfamiliar prompts: chosen on whole benchmarks held out of a second fit.
+    fallback_holdout: float = 0.25  # about this fraction of the training rows, as whole benchmarks
+    fallback_quantiles: tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))  # centers: familiarity quantiles
+    fallback_slopes: tuple[float, ...] = (5.0, 15.0, 50.0, 150.0)  # per unit of cosine similarity
+    familiar_sample: int = 4096  # training prompts the artifact keeps to measure familiarity: bounded, whatever the corpus
     network: NetworkConfig = field(default_factory=NetworkConfig)
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (the same loop in-process)
     num_workers: int = 1
@@ -91,13 +97,9 @@ def _choose_blend(artifact: RouterArtifact, fit: TrainingSet, validation: Traini
     return max(scores, key=scores.get), {str(a): s for a, s in scores.items()}
 
 
-def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) -> RouterArtifact:
-    """Train FineRouter on `data` (every row is a training row) and return the artifact (not yet saved)."""
-    started = time.perf_counter()
-    fit, validation = data.validation_split(config.seed, config.validation_fraction)
-    stage1, labels, trials = _select_stage1(fit, validation, config)
-    log(f"stage 1: {stage1['tasks']} tasks (k={stage1['k']}, mix={stage1['mix']}, resolution={stage1['resolution']}), validation {stage1['validation_score']:.4f}")
-
+def _learned_weights(fit: TrainingSet, validation: TrainingSet, labels: np.ndarray, config: FitConfig) -> tuple[dict, dict]:
+    """The task table, the classifier and the MoE fitted on `fit` (early-stopped on `validation`), as artifact
+    arrays (blend 1), and the networks' loss history."""
     table = task_table(labels, fit.table.scores, config.shrinkage)
     candidates = (table >= table.max(axis=1, keepdims=True) - config.candidate_margin).astype(np.float32)
     features = prompt_features(fit.table.prompts)
@@ -118,16 +120,97 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
                                   checkpoint_every=config.checkpoint_every)
     else:
         networks = train_networks(network_data, network)
-    history = networks["history"]
+    weights = {**export_weights(networks), "feature_mean": mean, "feature_std": std, "task_quality": table.astype(np.float32),
+               "blend": np.float32(1.0)}
+    return weights, networks["history"]
+
+
+def _held_out_benchmarks(data: TrainingSet, seed: int, fraction: float) -> list[str]:
+    """A seeded choice of whole benchmarks, about `fraction` of the rows, that plays unfamiliar work for the
+    fallback's choice; none where fewer than three benchmarks leave too little to hold out and still learn from."""
+    benchmarks, rows = np.unique(data.table.benchmarks.astype(str), return_counts=True)
+    if len(benchmarks) < 3:
+        return []
+    order = np.random.default_rng(seed).permutation(len(benchmarks))
+    reaching = int(np.searchsorted(np.cumsum(rows[order]), fraction * len(data.table))) + 1
+    return sorted(benchmarks[order[: min(reaching, len(benchmarks) - 2)]].tolist())
+
+
+def _familiar_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """[size, D] a seeded sample of the rows of `embeddings`, kept in float16 by the artifact."""
+    rows = np.random.default_rng(seed).choice(len(embeddings), size=min(size, len(embeddings)), replace=False)
+    return np.asarray(embeddings[np.sort(rows)], np.float16)
+
+
+def _choose_fallback(artifact: RouterArtifact, data: TrainingSet, fit: TrainingSet, validation: TrainingSet, stage1: dict,
+                     config: FitConfig) -> tuple[RouterArtifact, dict]:
+    """`artifact` with the fallback curve that routes best where the learned estimate meets work it never saw.
+
+    Whole benchmarks are held out of a second fit (Stage 1's chosen graph settings, the same networks and blend),
+    which then routes those benchmarks and the familiar validation prompts. The curve maximises the familiar
+    slice's score plus the mean score over the held-out benchmarks, so that it neither gives up familiar gains
+    nor trusts the learned estimate where it does not know. Both fits keep the same number of familiar prompts,
+    so that a familiarity means the same in each.
+    """
+    held_out = _held_out_benchmarks(data, config.seed, config.fallback_holdout)
+    if not held_out:
+        sample = _familiar_sample(fit.embeddings, config.familiar_sample, config.seed)
+        return RouterArtifact(artifact.manifest, {**artifact.weights, "familiar_embeddings": sample}), {"held_out_benchmarks": []}
+
+    def in_held_out(part: TrainingSet) -> np.ndarray:
+        return np.isin(part.table.benchmarks.astype(str), held_out)
+
+    known_fit, known_validation = fit.subset(~in_held_out(fit)), validation.subset(~in_held_out(validation))
+    unfamiliar = data.subset(in_held_out(data))
+    neighbours, similarities = knn(known_fit.embeddings, stage1["k"], seed=config.seed)
+    graph = task_graph(neighbours, similarities, known_fit.table.scores, stage1["mix"])
+    labels = merge_small_communities(leiden(graph, stage1["resolution"], config.seed), known_fit.embeddings, config.min_task_size)
+    sample_size = min(config.familiar_sample, len(known_fit.table))
+    learned, _ = _learned_weights(known_fit, known_validation, labels, config)
+    probe = RouterArtifact(artifact.manifest, {**artifact.weights, **learned, "blend": artifact.weights["blend"],
+                                               "prior_quality": known_fit.table.scores.mean(axis=0),
+                                               "familiar_embeddings": _familiar_sample(known_fit.embeddings, sample_size, config.seed)})
+    slices = [known_validation, *(unfamiliar.subset(unfamiliar.table.benchmarks.astype(str) == name) for name in held_out)]
+    estimates = []
+    for part in slices:
+        inputs = probe.inputs(part.embeddings, part.table.prompts)
+        estimates.append((probe.learned_quality(inputs)[0], probe.familiarity(part.embeddings)))
+    familiarity = np.concatenate([f for _, f in estimates])
+    prior = probe.weights["prior_quality"][None, :]
+
+    def score(curve: RouterArtifact) -> float:
+        routed = []
+        for part, (learned_quality, part_familiarity) in zip(slices, estimates):
+            weight = curve.learned_weight(part_familiarity)[:, None]
+            routed.append(routed_score(weight * learned_quality + (1 - weight) * prior, known_fit, part))
+        return routed[0] + float(np.mean(routed[1:]))
+
+    centers = [-np.inf, *np.quantile(familiarity, config.fallback_quantiles)]
+    grid = {(float(center), float(slope)): score(probe.with_fallback(center, slope))
+            for center in centers for slope in (config.fallback_slopes if center > -np.inf else (1.0,))}
+    center, slope = max(grid, key=grid.get)
+    sample = _familiar_sample(fit.embeddings, sample_size, config.seed)
+    chosen = RouterArtifact(artifact.manifest, {**artifact.weights, "familiar_embeddings": sample}).with_fallback(center, slope)
+    return chosen, {"held_out_benchmarks": held_out, "center": center, "slope": slope, "score": grid[(center, slope)],
+                    "score_without_fallback": grid[(-np.inf, 1.0)]}
+
+
+def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) -> RouterArtifact:
+    """Train FineRouter on `data` (every row is a training row) and return the artifact (not yet saved)."""
+    started = time.perf_counter()
+    fit, validation = data.validation_split(config.seed, config.validation_fraction)
+    stage1, labels, trials = _select_stage1(fit, validation, config)
+    log(f"stage 1: {stage1['tasks']} tasks (k={stage1['k']}, mix={stage1['mix']}, resolution={stage1['resolution']}), validation {stage1['validation_score']:.4f}")
+    learned, history = _learned_weights(fit, validation, labels, config)
     log(f"stage 2: loss {history['phase1_loss'][0]:.4f} -> {history['phase1_loss'][-1]:.4f} (phase 1), {history['phase2_loss'][-1]:.4f} (phase 2)")
 
     cost_model = data.cost_model
     weights = {
-        **export_weights(networks),
-        "feature_mean": mean,
-        "feature_std": std,
-        "task_quality": table.astype(np.float32),
-        "blend": np.float32(1.0),
+        **learned,
+        "prior_quality": data.table.scores.mean(axis=0),  # the prior router's estimate: every training row
+        "familiar_embeddings": _familiar_sample(fit.embeddings, config.familiar_sample, config.seed),
+        "fallback_center": np.float32(-np.inf),
+        "fallback_slope": np.float32(1.0),
         "cost_per_token": cost_model.per_token,
         "cost_fixed": cost_model.fixed,
     }
@@ -137,18 +220,19 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "models": data.table.models,
         "prices": {m: list(p) for m, p in data.table.prices.items()},
         "cost_scale": data.cost_scale,
-        "tasks": len(table),
-        "training_config": {**asdict(config), "network": asdict(network)},
+        "tasks": len(learned["task_quality"]),
+        "training_config": {**asdict(config), "network": asdict(replace(config.network, seed=config.seed))},
         "training_rows": len(data.table),
     }
     blend, blend_scores = _choose_blend(RouterArtifact(manifest, weights), fit, validation, config)
-    artifact = RouterArtifact(manifest, weights).with_blend(blend)
+    artifact, fallback = _choose_fallback(RouterArtifact(manifest, weights).with_blend(blend), data, fit, validation, stage1, config)
     artifact.manifest["validation"] = {
         "score": validation_score(ArtifactRouter(artifact), fit, validation),
         "stage1": stage1,
         "stage1_trials": trials,
         "blend": blend_scores,
+        "fallback": fallback,
         "loss_history": history,
     }
-    log(f"blend: {blend_scores} -> {blend}; fitted in {time.perf_counter() - started:.1f}s")
+    log(f"blend: {blend_scores} -> {blend}; fallback: {fallback}; fitted in {time.perf_counter() - started:.1f}s")
     return artifact

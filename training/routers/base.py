@@ -70,7 +70,11 @@ class ArtifactRouter(Router):
 
 def validation_score(router: Router, train: TrainingSet, validation: TrainingSet) -> float:
     """What tuning maximises: AIQ on the validation slice, or the routed quality where all models cost alike."""
-    quality = router.predict_quality(validation.embeddings, validation.table.prompts)
+    return routed_score(router.predict_quality(validation.embeddings, validation.table.prompts), train, validation)
+
+
+def routed_score(quality: np.ndarray, train: TrainingSet, validation: TrainingSet) -> float:
+    """`validation_score` of predicted `quality` [N, M] on the validation slice's N prompts."""
     table = validation.table
     estimated = train.cost_model.estimate(table.prompt_tokens)
     curve = trace_curve(quality, estimated, table.scores, table.costs, train.cost_scale)
