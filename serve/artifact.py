@@ -27,7 +27,7 @@ from serve.features import FEATURE_NAMES, prompt_features
 # 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.features).
 # 4: the fallback toward the prior on unfamiliar prompts (prior quality, familiar prompts, the fallback curve).
 FORMAT_VERSION = 4
-# Familiarity: the mean cosine similarity of a prompt to this many nearest of the artifact's familiar prompts.
+# Familiarity looks at this many nearest familiar prompts (serve.artifact.familiar_prompts).
 FAMILIAR_NEIGHBOURS = 10
 WEIGHT_ARRAYS = (
     "feature_mean",  # [F] standardisation of the prompt features
@@ -47,7 +47,9 @@ WEIGHT_ARRAYS = (
     "blend",  # [] weight of the MoE against the task table
     "prior_quality",  # [M] each model's mean training score: the estimate for a prompt unlike any training prompt
     "familiar_embeddings",  # [S, D] a capped sample of the prompts the networks were fitted on
-    "fallback_center",  # [] familiarity at which the learned estimate and the prior weigh the same (-inf: no fallback)
+    "familiar_similarity",  # [S] each one's mean similarity to its nearest others
+    "fallback_ceiling",  # [] the most the learned estimate weighs against the prior, however familiar the prompt
+    "fallback_center",  # [] familiarity at which the learned estimate weighs half its ceiling (-inf: no fallback)
     "fallback_slope",  # [] how fast the weight of the learned estimate rises with familiarity
     "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
     "cost_fixed",  # [M]
@@ -65,6 +67,34 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _logistic(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(x / 2))  # without overflow
+
+
+def _nearest(embeddings: np.ndarray, familiar: np.ndarray, k: int, rows_per_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """([N, k] cosine similarities, [N, k] indices) of each embedding's k nearest rows of `familiar`, unordered."""
+    similarities, indices = [], []
+    for start in range(0, len(embeddings), rows_per_block):  # bounds the [rows, S] similarity matrix
+        similarity = np.asarray(embeddings[start:start + rows_per_block], np.float32) @ familiar.T
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        similarities.append(np.take_along_axis(similarity, nearest, axis=1))
+        indices.append(nearest)
+    if not similarities:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(similarities), np.concatenate(indices)
+
+
+def _neighbours(familiar_prompts: int) -> int:
+    return max(1, min(FAMILIAR_NEIGHBOURS, familiar_prompts - 1))
+
+
+def familiar_prompts(embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """The artifact's arrays that measure familiarity, from the sample of training prompts' `embeddings` it keeps
+    (float16): those embeddings and each one's mean similarity to its nearest others (itself left out)."""
+    familiar = np.asarray(embeddings, np.float16)
+    as_used = familiar.astype(np.float32)
+    k = _neighbours(len(familiar))
+    similarity, _ = _nearest(as_used, as_used, min(k + 1, len(familiar)))
+    own = (similarity.sum(axis=1) - similarity.max(axis=1)) / max(similarity.shape[1] - 1, 1)  # less the self match
+    return {"familiar_embeddings": familiar, "familiar_similarity": own.astype(np.float32)}
 
 
 def network_inputs(embeddings: np.ndarray, texts: list[str], feature_mean: np.ndarray, feature_std: np.ndarray) -> np.ndarray:
@@ -120,26 +150,28 @@ class RouterArtifact:
         """The same router with one blend weight for every task (1: MoE only, 0: task table only)."""
         return RouterArtifact(self.manifest, {**self.weights, "blend": np.float32(blend)})
 
-    def with_fallback(self, center: float, slope: float) -> RouterArtifact:
-        """The same router with another fallback curve (center -inf: the learned estimate everywhere)."""
-        return RouterArtifact(self.manifest, {**self.weights, "fallback_center": np.float32(center), "fallback_slope": np.float32(slope)})
+    def with_fallback(self, ceiling: float, center: float, slope: float) -> RouterArtifact:
+        """The same router with another fallback curve (ceiling 1 and center -inf: the learned estimate alone)."""
+        return RouterArtifact(self.manifest, {**self.weights, "fallback_ceiling": np.float32(ceiling), "fallback_center": np.float32(center),
+                                              "fallback_slope": np.float32(slope)})
 
-    def familiarity(self, embeddings: np.ndarray, rows_per_block: int = 4096) -> np.ndarray:
-        """[N] mean cosine similarity of each prompt to its FAMILIAR_NEIGHBOURS nearest familiar prompts."""
+    def without_fallback(self) -> RouterArtifact:
+        """The same router trusting its learned estimate on every prompt."""
+        return self.with_fallback(1.0, -np.inf, 1.0)
+
+    def familiarity(self, embeddings: np.ndarray) -> np.ndarray:
+        """[N] how much less similar each prompt is to its nearest familiar prompts than they are to theirs: about 0
+        inside the training prompts, however densely they cover that part of the space, negative away from them."""
         familiar = self.weights["familiar_embeddings"].astype(np.float32)
-        k = min(FAMILIAR_NEIGHBOURS, len(familiar))
-        blocks = []
-        for start in range(0, len(embeddings), rows_per_block):  # bounds the [rows, S] similarity matrix
-            similarity = np.asarray(embeddings[start:start + rows_per_block], np.float32) @ familiar.T
-            blocks.append(-np.partition(-similarity, k - 1, axis=1)[:, :k].mean(axis=1))
-        return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+        similarity, nearest = _nearest(embeddings, familiar, _neighbours(len(familiar)))
+        return similarity.mean(axis=1) - self.weights["familiar_similarity"][nearest].mean(axis=1)
 
     def learned_weight(self, familiarity: np.ndarray) -> np.ndarray:
-        """[N] the weight of the learned estimate against the prior: a logistic curve of familiarity."""
-        center = float(self.weights["fallback_center"])
+        """[N] the weight of the learned estimate against the prior: its ceiling times a logistic curve of familiarity."""
+        center, ceiling = float(self.weights["fallback_center"]), float(self.weights["fallback_ceiling"])
         if center == -np.inf:
-            return np.ones(len(familiarity))
-        return _logistic(float(self.weights["fallback_slope"]) * (np.asarray(familiarity, float) - center))
+            return np.full(len(familiarity), ceiling)
+        return ceiling * _logistic(float(self.weights["fallback_slope"]) * (np.asarray(familiarity, float) - center))
 
     def inputs(self, embeddings: np.ndarray, texts: list[str]) -> np.ndarray:
         return network_inputs(embeddings, texts, self.weights["feature_mean"], self.weights["feature_std"])

@@ -184,3 +184,56 @@ def test_ray_train_gives_the_same_networks_as_the_local_loop(ray_session, data):
     for name, tensor in local["moe"].items():
         np.testing.assert_allclose(remote["moe"][name].numpy(), tensor.numpy(), rtol=1e-5, atol=1e-6)
     assert remote["history"]["phase1_validation"] == pytest.approx(local["history"]["phase1_validation"])
+
+
+def _far_from(embeddings: np.ndarray) -> np.ndarray:
+    """Unit vectors opposite the training prompts' mean direction: as unlike them as a prompt can be."""
+    away = -embeddings.mean(axis=0)
+    return np.tile(away / np.linalg.norm(away), (4, 1)).astype(np.float32)
+
+
+def test_an_unfamiliar_prompt_routes_like_the_prior_and_a_training_prompt_keeps_the_learned_estimate(data, artifact):
+    curve = artifact.with_fallback(ceiling=1.0, center=-0.5, slope=50.0)
+    far = _far_from(data.embeddings)
+    texts = ["an unlike prompt"] * len(far)
+    far_quality, _ = curve.predict(far, texts)
+    np.testing.assert_allclose(far_quality, np.broadcast_to(curve.weights["prior_quality"], far_quality.shape), atol=1e-6)
+    tokens = np.full(len(far), 50)
+    for cost_weight in (0.0, 0.3, 1e6):
+        prior_rule = curve.with_fallback(ceiling=1.0, center=3.0, slope=50.0)  # familiarity is at most 2: the prior alone
+        np.testing.assert_array_equal(curve.route(far, texts, tokens, cost_weight).order, prior_rule.route(far, texts, tokens, cost_weight).order)
+    familiar = data.embeddings[:20], data.table.prompts[:20]
+    inputs = curve.inputs(*familiar)
+    np.testing.assert_allclose(curve.predict(*familiar)[0], curve.learned_quality(inputs)[0], atol=1e-6)
+    np.testing.assert_array_equal(artifact.without_fallback().predict(far, texts)[0], artifact.learned_quality(artifact.inputs(far, texts))[0])
+
+
+def test_fit_chooses_the_fallback_on_whole_held_out_benchmarks(data, artifact):
+    fallback = artifact.manifest["validation"]["fallback"]
+    assert 1 <= len(fallback["held_out_benchmarks"]) <= 2  # of the 4 kinds, two at least are left to learn from
+    assert fallback["score"] >= fallback["score_without_fallback"]
+    np.testing.assert_allclose(artifact.weights["prior_quality"], data.table.scores.mean(axis=0))
+    ceiling = float(artifact.weights["fallback_ceiling"])
+    assert artifact.learned_weight(artifact.familiarity(data.embeddings)).min() > 0.99 * ceiling  # training prompts: the learned weight's most
+    assert len(artifact.weights["familiar_embeddings"]) <= SMALL.familiar_sample
+
+
+def test_the_familiar_prompts_kept_are_capped(data):
+    capped = fit_router(data, replace(SMALL, familiar_sample=50), log=lambda message: None)
+    assert capped.weights["familiar_embeddings"].shape == (50, data.embeddings.shape[1])
+
+
+def test_without_three_benchmarks_there_is_no_fallback(data):
+    one_benchmark = replace(data.table, benchmarks=np.full(len(data.table), "all", dtype=object))
+    artifact = fit_router(type(data)(one_benchmark, data.embeddings), SMALL, log=lambda message: None)
+    assert artifact.manifest["validation"]["fallback"]["held_out_benchmarks"] == []
+    assert (artifact.learned_weight(artifact.familiarity(_far_from(data.embeddings))) == 1).all()  # the learned estimate alone
+
+
+def test_the_fallback_survives_a_round_trip(tmp_path, data, artifact):
+    curve = artifact.with_fallback(ceiling=1.0, center=-0.5, slope=50.0)
+    loaded = RouterArtifact.load(curve.save(tmp_path / "router"))
+    far = _far_from(data.embeddings)
+    for name in ("prior_quality", "familiar_embeddings", "fallback_ceiling", "fallback_center", "fallback_slope"):
+        np.testing.assert_array_equal(loaded.weights[name], curve.weights[name])
+    np.testing.assert_allclose(loaded.predict(far, ["x"] * len(far))[0], curve.predict(far, ["x"] * len(far))[0])

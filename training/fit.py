@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from serve.artifact import RouterArtifact, network_inputs
+from serve.artifact import RouterArtifact, familiar_prompts, network_inputs
 from serve.encoder import DEFAULT_EMBEDDER
 from serve.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
@@ -44,8 +44,10 @@ class FitConfig:
     validation_fraction: float = 0.2
     # The fallback toward the prior on unfamiliar prompts: chosen on whole benchmarks held out of a second fit.
     fallback_holdout: float = 0.25  # about this fraction of the training rows, as whole benchmarks
-    fallback_quantiles: tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))  # centers: familiarity quantiles
-    fallback_slopes: tuple[float, ...] = (5.0, 15.0, 50.0, 150.0)  # per unit of cosine similarity
+    fallback_ceilings: tuple[float, ...] = (0.7, 0.85, 1.0)
+    fallback_quantiles: tuple[float, ...] = tuple(np.round(np.arange(0.05, 1.0, 0.1), 2))  # centers: familiarity quantiles
+    fallback_slopes: tuple[float, ...] = (15.0, 40.0, 130.0)  # per unit of familiarity (a difference of cosine similarities)
+    familiar_weight: float = 4.0  # the familiar slice's weight against the held-out benchmarks' mean in the fallback's score
     familiar_sample: int = 4096  # training prompts the artifact keeps to measure familiarity: bounded, whatever the corpus
     network: NetworkConfig = field(default_factory=NetworkConfig)
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (the same loop in-process)
@@ -136,10 +138,10 @@ def _held_out_benchmarks(data: TrainingSet, seed: int, fraction: float) -> list[
     return sorted(benchmarks[order[: min(reaching, len(benchmarks) - 2)]].tolist())
 
 
-def _familiar_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """[size, D] a seeded sample of the rows of `embeddings`, kept in float16 by the artifact."""
+def _familiar_sample(embeddings: np.ndarray, size: int, seed: int) -> dict[str, np.ndarray]:
+    """The artifact's familiarity arrays for a seeded sample of `size` rows of `embeddings`."""
     rows = np.random.default_rng(seed).choice(len(embeddings), size=min(size, len(embeddings)), replace=False)
-    return np.asarray(embeddings[np.sort(rows)], np.float16)
+    return familiar_prompts(embeddings[np.sort(rows)])
 
 
 def _choose_fallback(artifact: RouterArtifact, data: TrainingSet, fit: TrainingSet, validation: TrainingSet, stage1: dict,
@@ -148,14 +150,14 @@ def _choose_fallback(artifact: RouterArtifact, data: TrainingSet, fit: TrainingS
 
     Whole benchmarks are held out of a second fit (Stage 1's chosen graph settings, the same networks and blend),
     which then routes those benchmarks and the familiar validation prompts. The curve maximises the familiar
-    slice's score plus the mean score over the held-out benchmarks, so that it neither gives up familiar gains
-    nor trusts the learned estimate where it does not know. Both fits keep the same number of familiar prompts,
-    so that a familiarity means the same in each.
+    slice's score (weighted `familiar_weight`: familiar gains come first) plus the mean score over the held-out
+    benchmarks, so that it keeps its gains on familiar work and does not trust the learned estimate where it
+    does not know. Both fits keep the same number of familiar prompts, so that a familiarity means the same in each.
     """
     held_out = _held_out_benchmarks(data, config.seed, config.fallback_holdout)
     if not held_out:
         sample = _familiar_sample(fit.embeddings, config.familiar_sample, config.seed)
-        return RouterArtifact(artifact.manifest, {**artifact.weights, "familiar_embeddings": sample}), {"held_out_benchmarks": []}
+        return RouterArtifact(artifact.manifest, {**artifact.weights, **sample}), {"held_out_benchmarks": []}
 
     def in_held_out(part: TrainingSet) -> np.ndarray:
         return np.isin(part.table.benchmarks.astype(str), held_out)
@@ -169,7 +171,7 @@ def _choose_fallback(artifact: RouterArtifact, data: TrainingSet, fit: TrainingS
     learned, _ = _learned_weights(known_fit, known_validation, labels, config)
     probe = RouterArtifact(artifact.manifest, {**artifact.weights, **learned, "blend": artifact.weights["blend"],
                                                "prior_quality": known_fit.table.scores.mean(axis=0),
-                                               "familiar_embeddings": _familiar_sample(known_fit.embeddings, sample_size, config.seed)})
+                                               **_familiar_sample(known_fit.embeddings, sample_size, config.seed)})
     slices = [known_validation, *(unfamiliar.subset(unfamiliar.table.benchmarks.astype(str) == name) for name in held_out)]
     estimates = []
     for part in slices:
@@ -183,16 +185,16 @@ def _choose_fallback(artifact: RouterArtifact, data: TrainingSet, fit: TrainingS
         for part, (learned_quality, part_familiarity) in zip(slices, estimates):
             weight = curve.learned_weight(part_familiarity)[:, None]
             routed.append(routed_score(weight * learned_quality + (1 - weight) * prior, known_fit, part))
-        return routed[0] + float(np.mean(routed[1:]))
+        return config.familiar_weight * routed[0] + float(np.mean(routed[1:]))
 
     centers = [-np.inf, *np.quantile(familiarity, config.fallback_quantiles)]
-    grid = {(float(center), float(slope)): score(probe.with_fallback(center, slope))
-            for center in centers for slope in (config.fallback_slopes if center > -np.inf else (1.0,))}
-    center, slope = max(grid, key=grid.get)
+    grid = {(float(ceiling), float(center), float(slope)): score(probe.with_fallback(ceiling, center, slope))
+            for ceiling in config.fallback_ceilings for center in centers for slope in (config.fallback_slopes if center > -np.inf else (1.0,))}
+    ceiling, center, slope = max(grid, key=grid.get)
     sample = _familiar_sample(fit.embeddings, sample_size, config.seed)
-    chosen = RouterArtifact(artifact.manifest, {**artifact.weights, "familiar_embeddings": sample}).with_fallback(center, slope)
-    return chosen, {"held_out_benchmarks": held_out, "center": center, "slope": slope, "score": grid[(center, slope)],
-                    "score_without_fallback": grid[(-np.inf, 1.0)]}
+    chosen = RouterArtifact(artifact.manifest, {**artifact.weights, **sample}).with_fallback(ceiling, center, slope)
+    return chosen, {"held_out_benchmarks": held_out, "ceiling": ceiling, "center": center if center > -np.inf else None, "slope": slope,
+                    "score": grid[(ceiling, center, slope)], "score_without_fallback": grid[(1.0, -np.inf, 1.0)]}
 
 
 def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) -> RouterArtifact:
@@ -208,9 +210,7 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
     weights = {
         **learned,
         "prior_quality": data.table.scores.mean(axis=0),  # the prior router's estimate: every training row
-        "familiar_embeddings": _familiar_sample(fit.embeddings, config.familiar_sample, config.seed),
-        "fallback_center": np.float32(-np.inf),
-        "fallback_slope": np.float32(1.0),
+        **_familiar_sample(fit.embeddings, config.familiar_sample, config.seed),
         "cost_per_token": cost_model.per_token,
         "cost_fixed": cost_model.fixed,
     }
@@ -224,8 +224,9 @@ def fit_router(data: TrainingSet, config: FitConfig = FitConfig(), log=print) ->
         "training_config": {**asdict(config), "network": asdict(replace(config.network, seed=config.seed))},
         "training_rows": len(data.table),
     }
-    blend, blend_scores = _choose_blend(RouterArtifact(manifest, weights), fit, validation, config)
-    artifact, fallback = _choose_fallback(RouterArtifact(manifest, weights).with_blend(blend), data, fit, validation, stage1, config)
+    learned_alone = RouterArtifact(manifest, weights).without_fallback()
+    blend, blend_scores = _choose_blend(learned_alone, fit, validation, config)
+    artifact, fallback = _choose_fallback(learned_alone.with_blend(blend), data, fit, validation, stage1, config)
     artifact.manifest["validation"] = {
         "score": validation_score(ArtifactRouter(artifact), fit, validation),
         "stage1": stage1,

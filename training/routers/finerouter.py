@@ -6,8 +6,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
-import numpy as np
-
 from serve.artifact import RouterArtifact
 from training.fit import FitConfig, fit_router
 from training.routers.base import ArtifactRouter, Router, TrainingSet
@@ -30,5 +28,5 @@ FINEROUTER_VARIANTS: dict[str, Callable[[TrainingSet, int], Router]] = {
     "finerouter_stage1": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(0.0)),
     "finerouter_stage2": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(1.0)),
     "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed, semantic_only=True)),
-    "finerouter_without_fallback": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_fallback(-np.inf, 1.0)),
+    "finerouter_without_fallback": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).without_fallback()),
 }
