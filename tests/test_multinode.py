@@ -112,6 +112,9 @@ def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_searc
     from training.streaming import _read_table, _vectors, knn_edges
 
     corpus = _streamed_corpus(tmp_path / "input", _texts(1200), str(tmp_path / "workspace"), num_actors=3, rows_per_shard=100)
+    deadline = time.monotonic() + 120
+    while _live_actors("ShardEncoder") and time.monotonic() < deadline:  # the encoders free their nodes' CPUs
+        time.sleep(0.2)
     embeddings = np.concatenate([corpus.read(s, ["embedding"])["embedding"] for s in range(len(corpus.shards))])
     with _ActorNodes("ShardNeighbours") as watcher:
         edges = knn_edges(corpus, 10, index="exact", num_actors=3)

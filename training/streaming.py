@@ -224,7 +224,7 @@ def embed_corpus(uri: str, embedder: str, *, workspace: str | None = None, valid
     fs.create_dir(target, recursive=True)
     started = time.perf_counter()
     pieces = chunks(source, [(0, total)], rows_per_shard)
-    counts = ray.data.from_items([{"chunk": piece} for piece in pieces]).map_batches(
+    counts = ray.data.from_items([{"chunk": piece} for piece in pieces], override_num_blocks=len(pieces)).map_batches(
         _ShardEncoder,
         fn_constructor_kwargs={"source": source, "models": models, "with_responses": with_responses, "embedder": embedder,
                                "folder": folder, "validation_below": validation_below, "device": "cuda" if num_gpus > 0 else "cpu"},
@@ -292,6 +292,13 @@ class _ShardNeighbours:
         return {"shard": batch["shard"]}
 
 
+def _shard_items(corpus: Corpus):
+    """A dataset of shard numbers, one block each, so that the shards spread over a pool's actors."""
+    import ray
+
+    return ray.data.from_items([{"shard": shard} for shard in range(len(corpus.shards))], override_num_blocks=len(corpus.shards))
+
+
 def _build_shard_index(corpus: Corpus, kind: str, sample: np.ndarray, seed: int) -> np.ndarray:
     """The serialised index over every training row, added shard by shard (IVF's lists trained on `sample`)."""
     import faiss
@@ -330,7 +337,7 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
     fs.create_dir(target, recursive=True)
     cpus = min(4, _node_cpus())
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
-    ray.data.from_items([{"shard": shard} for shard in range(len(corpus.shards))]).map_batches(
+    _shard_items(corpus).map_batches(
         _ShardNeighbours,
         fn_constructor_kwargs={"corpus": corpus, "index": shared, "k": k, "folder": folder},
         batch_size=1,
@@ -419,7 +426,7 @@ def fit_corpus(corpus: Corpus, config: FitConfig = FitConfig(), *, workspace: st
     log(f"stage 1: {len(table)} tasks in {lap('tasks'):.1f}s")
 
     scaling = feature_scaling(prompt_features(sample.table.prompts), config.prompt_features)
-    train_rows = ray.data.from_items([{"shard": shard} for shard in range(len(corpus.shards))]).map_batches(
+    train_rows = _shard_items(corpus).map_batches(
         _Stage2Rows, fn_constructor_kwargs={"corpus": corpus, "labels_path": labels_path, "scaling": scaling},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     validation_rows = array_dataset({"inputs": network_inputs(validation.embeddings, validation.table.prompts, *scaling),
