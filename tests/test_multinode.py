@@ -108,6 +108,8 @@ def _texts(count: int) -> list[str]:
 
 
 def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_search(cluster, tmp_path):
+    import ray
+
     from training.graph import knn
     from training.streaming import _read_table, _vectors, knn_edges
 
@@ -116,8 +118,13 @@ def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_searc
     while _live_actors("ShardEncoder") and time.monotonic() < deadline:  # the encoders free their nodes' CPUs
         time.sleep(0.2)
     embeddings = np.concatenate([corpus.read(s, ["embedding"])["embedding"] for s in range(len(corpus.shards))])
-    with _ActorNodes("ShardNeighbours") as watcher:
-        edges = knn_edges(corpus, 10, index="exact", num_actors=3)
+    context = ray.data.DataContext.get_current()
+    context.wait_for_min_actors_s = 300  # the whole pool up before the first shard: 12 small shards take one actor a moment
+    try:
+        with _ActorNodes("ShardNeighbours") as watcher:
+            edges = knn_edges(corpus, 10, index="exact", num_actors=3)
+    finally:
+        context.wait_for_min_actors_s = -1
     neighbours = np.concatenate([_vectors(_read_table(f"{edges}/{name}", ["neighbours"]).column("neighbours"), np.int64)
                                  for name in corpus.shards])
     assert len(watcher.nodes) >= 2
