@@ -72,7 +72,7 @@ def _deploy(port: int) -> str:
             return {}
 
     args = yaml.safe_load((REPO / "serve.config").read_text())["applications"][0]["args"]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="finerouter", route_prefix="/")
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -75,9 +76,9 @@ def build_dataset(args: argparse.Namespace):
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)
-    if args.actors * args.cpus_per_actor > cpus - 1:  # router actors holding every CPU starve the read tasks
-        raise BatchInputError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves less than one of the "
-                              f"cluster's {cpus:g} CPUs to read and write the data; lower them")
+    if args.actors * args.cpus_per_actor > cpus - 2 * IO_CPUS:  # router actors holding every CPU starve the reads and writes
+        raise BatchInputError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves less than {2 * IO_CPUS:g} of "
+                              f"the cluster's {cpus:g} CPUs to read and write the data; lower them")
     cost_weight = PRESETS[args.preset] if args.cost_weight is None else args.cost_weight
     todo = prepare_output(args.output, _job_description(args, artifact, job_input, cost_weight), args.resume, job_input.rows)
     if not todo:
@@ -90,7 +91,8 @@ def build_dataset(args: argparse.Namespace):
     dataset = dataset.map_batches(
         BatchRanker,
         fn_constructor_kwargs={"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
-                               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"},
+                               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu",
+                               "threads": math.ceil(args.cpus_per_actor)},
         batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=args.actors),
         num_cpus=args.cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
     )
