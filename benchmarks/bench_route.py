@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # measure this checkout's code (Ray's workers take the driver's path), not an installed one
 GOAL = 1.3
 
 
@@ -72,7 +74,7 @@ def _deploy(port: int) -> str:
             return {}
 
     args = yaml.safe_load((REPO / "serve.config").read_text())["applications"][0]["args"]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="finerouter", route_prefix="/")
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")

@@ -6,6 +6,7 @@ Kept apart from FastAPI (as vLLM keeps `serving_chat` apart from its `api_server
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -90,8 +91,10 @@ class RoutedChat:
 
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
                  config: RouterAppConfig, ledger: DeploymentHandle | None = None, cascades: bool = False):
-        self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
-        self.cascades = cascades
+        # The calls of every decision go over gRPC (by value), which costs less per call than Ray's actor-task
+        # path; the backends keep Ray's path (their calls last seconds, and ray.serve.llm streams over it).
+        self.embedder, self.ranker = embedder.options(_by_reference=False), ranker.options(_by_reference=False)
+        self.backends, self.config, self.ledger, self.cascades = backends, config, ledger, cascades
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
@@ -119,7 +122,7 @@ class RoutedChat:
                 raise APIError(400, f"unknown candidates {unknown}; the pool is {list(self.backends)}", param="candidates")
         if self.config.access.log_prompts:
             logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
-        # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
+        # Serve hands the embedding to the Ranker as soon as it is ready, without waking this handler.
         embedded = self.embedder.embed.remote(text)
         return await self._within_capacity(self.ranker.decide.remote(
             embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates, controls.max_cost,
@@ -194,7 +197,7 @@ class RoutedChat:
             headers = self._answered(model, decision, fallbacks, estimated_cost)
             if request.stream:
                 return ChatResult(headers, stream=_event_stream(first, rest, model, routing, caller,
-                                                                lambda: self.cooldowns.failed(engine)))
+                                                                functools.partial(self.cooldowns.failed, engine)))
             return ChatResult(headers, body={**first, "model": model, "routing": routing})
         retry_after = min((self.cooldowns.seconds_left(engine) for engine in cooling), default=None) if not tried else None
         raise _unanswered(fallbacks, retry_after or self.config.limits.retry_after_s)

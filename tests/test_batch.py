@@ -242,7 +242,7 @@ def test_routes_a_jsonl_folder_within_the_candidates_and_the_cost_cap(tmp_path, 
 def test_refuses_actors_that_would_hold_every_cpu(tmp_path, capsys, ray_session, artifact_dir):
     pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
     code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", tmp_path / "out", "--cpus-per-actor", 2)
-    assert code == 2 and "--cpus-per-actor 2 leaves less than one of the cluster's 2 CPUs" in err
+    assert code == 2 and "--cpus-per-actor 2 leaves less than 0.5 of the cluster's 2 CPUs" in err
 
 
 @pytest.fixture(scope="module")

@@ -61,9 +61,9 @@ class BatchCascade(BatchRanker):
     dtypes = CASCADE_DTYPES
 
     def __init__(self, artifact_dir: str, prompt_column: str, cost_weight: float, allowed: np.ndarray | None,
-                 cost_cap: float | None, device: str, endpoint: str, max_tokens: int, concurrency: int, timeout_s: float,
+                 cost_cap: float | None, device: str, threads: int, endpoint: str, max_tokens: int, concurrency: int, timeout_s: float,
                  api_key_env: str | None):
-        super().__init__(artifact_dir, prompt_column, cost_weight, allowed, cost_cap, device)
+        super().__init__(artifact_dir, prompt_column, cost_weight, allowed, cost_cap, device, threads)
         self.answerer = Answerer(endpoint, prompt_column, max_tokens, concurrency, timeout_s, api_key_env)
 
     def decide(self, texts: list[str]) -> dict[str, list]:

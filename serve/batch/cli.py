@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -42,6 +43,16 @@ def _allowed(artifact: RouterArtifact, candidates: list[str] | None) -> np.ndarr
     if unknown:
         raise BatchInputError(f"--candidates: {unknown} not in the pool of {artifact.path} ({artifact.models})")
     return np.isin(artifact.models, candidates)
+
+
+def _router_actors(args: argparse.Namespace, cpus: float) -> tuple[int, float]:
+    """(router actors, CPUs for each). Without GPUs the default is one actor per CPU, sharing what the reads and writes
+    leave, so each runs one torch thread: actors of one thread never wait on each other, where the threads of one
+    process wait at every operation (a long wait on a busy machine). With GPUs: one actor of one CPU."""
+    if args.num_gpus > 0:
+        return args.actors or 1, 1.0 if args.cpus_per_actor is None else args.cpus_per_actor
+    actors = args.actors or max(1, int(cpus))
+    return actors, max(cpus - 2 * IO_CPUS, IO_CPUS) / actors if args.cpus_per_actor is None else args.cpus_per_actor
 
 
 def _read_chunks(items: pa.Table, job_input: JobInput, pieces: list[Chunk]) -> pa.Table:
@@ -84,9 +95,10 @@ def build_dataset(args: argparse.Namespace):
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)
-    if args.actors * args.cpus_per_actor > cpus - 1:  # router actors holding every CPU starve the read tasks
-        raise BatchInputError(f"--actors {args.actors} x --cpus-per-actor {args.cpus_per_actor:g} leaves less than one of the "
-                              f"cluster's {cpus:g} CPUs to read and write the data; lower them")
+    actors, cpus_per_actor = _router_actors(args, cpus)
+    if actors * cpus_per_actor > cpus - 2 * IO_CPUS:  # router actors holding every CPU starve the reads and writes
+        raise BatchInputError(f"--actors {actors} x --cpus-per-actor {cpus_per_actor:g} leaves less than {2 * IO_CPUS:g} of "
+                              f"the cluster's {cpus:g} CPUs to read and write the data; lower them")
     cost_weight = PRESETS[args.preset] if args.cost_weight is None else args.cost_weight
     todo = prepare_output(args.output, _job_description(args, artifact, job_input, cost_weight), args.resume, job_input.rows)
     if not todo:
@@ -97,13 +109,14 @@ def build_dataset(args: argparse.Namespace):
         _read_chunks, fn_kwargs={"job_input": job_input, "pieces": pieces}, batch_size=1, batch_format="pyarrow",
         num_cpus=IO_CPUS)
     routing = {"artifact_dir": os.path.abspath(artifact.path), "prompt_column": args.prompt_column, "cost_weight": cost_weight,
-               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu"}
+               "allowed": allowed, "cost_cap": args.max_cost, "device": "cuda" if args.num_gpus > 0 else "cpu",
+               "threads": math.ceil(cpus_per_actor)}
     answering = {"endpoint": args.endpoint, "max_tokens": args.max_tokens, "concurrency": args.concurrency, "timeout_s": args.timeout,
                  "api_key_env": args.api_key_env}
     dataset = dataset.map_batches(
         BatchCascade if cascade else BatchRanker, fn_constructor_kwargs={**routing, **answering} if cascade else routing,
-        batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_cpus=args.cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
+        batch_size=args.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor, num_gpus=args.num_gpus or None, udf_modifying_row_count=False,
     )
     if args.generate and not cascade:
         dataset = dataset.map_batches(
@@ -130,8 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidates", nargs="+", metavar="MODEL", help="route only among these pool models")
     parser.add_argument("--max-cost", type=float, help="USD cap per prompt (the cheapest candidate stays when none fits)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per routing call (and per read)")
-    parser.add_argument("--actors", type=int, default=1, help="router actors (each loads the encoder once)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs (and torch threads) per router actor")
+    parser.add_argument("--actors", type=int,
+                        help="router actors, each loading the encoder once (default: one per CPU of the cluster; 1 with --num-gpus)")
+    parser.add_argument("--cpus-per-actor", type=float,
+                        help="CPUs per router actor, rounded up for its torch threads (default: the CPUs that reading and "
+                             "writing leave, shared among the actors; 1 with --num-gpus)")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per router actor (encoder on CUDA)")
     parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format")
     parser.add_argument("--policy", choices=POLICIES, default="route",
@@ -146,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     answers.add_argument("--timeout", type=float, default=120, help="seconds per call")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "actors", "max_tokens", "concurrency"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.cost_weight is not None:
         args.preset = None

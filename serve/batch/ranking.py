@@ -37,14 +37,18 @@ def _spread(values: list, present: np.ndarray, index: pd.Index, dtype: str) -> p
 class BatchRanker:
     """Ray Data actor: loads the artifact and its encoder once, then routes each batch of prompts.
 
-    A row without a prompt (null) gets null output columns instead of failing the whole job."""
+    A row without a prompt (null) gets null output columns instead of failing the whole job. The encoder uses
+    `threads` torch threads: Ray sets an actor's to its whole CPUs only, so an actor given 1.5 CPUs would use one."""
 
     dtypes = _DECISION_DTYPES  # the columns it writes
 
     def __init__(self, artifact_dir: str, prompt_column: str, cost_weight: float, allowed: np.ndarray | None,
-                 cost_cap: float | None, device: str):
+                 cost_cap: float | None, device: str, threads: int):
+        import torch
+
         from serve.encoder import load_encoder
 
+        torch.set_num_threads(threads)
         self.artifact = RouterArtifact.load(artifact_dir)
         self.encoder = load_encoder(self.artifact.embedder, device=device)
         self.prompt_column, self.cost_weight, self.allowed, self.cost_cap = prompt_column, cost_weight, allowed, cost_cap
