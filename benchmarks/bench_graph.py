@@ -7,6 +7,7 @@ a model pool whose solve rates depend on the cluster. Each (size, index) runs in
 its peak RSS is its own. From the repository root:
 
     python -m benchmarks.bench_graph --sizes 100000 1000000 [--indexes auto hnsw ivf] [--leiden leidenalg igraph]
+    python -m benchmarks.bench_graph --sizes 200000 --indexes hnsw --hnsw 32,64,32 32,40,24   # HNSW settings compared
 
 With several `--leiden` implementations, each runs on the same graph; the table gives each one's time and
 the modularity (at the resolution) of what it found, so speed is compared at equal quality.
@@ -22,6 +23,7 @@ import time
 import faiss
 import numpy as np
 
+from training import graph as graph_module
 from training.graph import (
     LEIDEN_IMPLEMENTATIONS,
     knn,
@@ -96,7 +98,11 @@ def timed(function, *args, **kwargs) -> tuple[object, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_one(rows: int, index: str, args: argparse.Namespace) -> dict:
+def run_one(rows: int, index: str, hnsw: tuple[int, int, int] | None, args: argparse.Namespace) -> dict:
+    """One size and index in this (fresh) process; `hnsw` (links per node, efConstruction, efSearch) replaces the
+    product's HNSW settings here, so that settings can be compared on the same data."""
+    if hnsw is not None:
+        graph_module.HNSW_LINKS_PER_NODE, graph_module.HNSW_EF_CONSTRUCTION, graph_module.HNSW_EF_SEARCH = hnsw
     embeddings, cluster_of_row = clustered_embeddings(rows, args.clusters, args.dim, args.seed)
     scores = cluster_dependent_scores(cluster_of_row, args.clusters, args.seed)
     (neighbours, similarities), knn_wall, knn_cpu = timed(knn, embeddings, args.k, index=index, seed=args.seed)
@@ -109,7 +115,10 @@ def run_one(rows: int, index: str, args: argparse.Namespace) -> dict:
         modularity = graph.modularity(labels.tolist(), weights="weight", resolution=args.resolution)
         communities.append({"leiden": implementation, "leiden_wall": leiden_wall, "leiden_cpu": leiden_cpu,
                             "communities": int(labels.max()) + 1, "modularity": modularity})
-    return {"rows": rows, "index": resolve_index_kind(index, rows), "knn_wall": knn_wall, "knn_cpu": knn_cpu,
+    kind = resolve_index_kind(index, rows)
+    if kind == "hnsw":
+        kind += f" M{graph_module.HNSW_LINKS_PER_NODE} efC{graph_module.HNSW_EF_CONSTRUCTION} efS{graph_module.HNSW_EF_SEARCH}"
+    return {"rows": rows, "index": kind, "knn_wall": knn_wall, "knn_cpu": knn_cpu,
             "recall": recall, "edges": graph.ecount(), "graph_wall": graph_wall, "leiden": communities,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -126,7 +135,10 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--leiden", nargs="+", default=["auto"], choices=LEIDEN_IMPLEMENTATIONS)
+    parser.add_argument("--hnsw", nargs="+", metavar="M,EFC,EFS",
+                        help="HNSW settings to compare (links per node, efConstruction, efSearch); default: the product's")
     args = parser.parse_args()
+    hnsw_settings = [tuple(int(part) for part in setting.split(",")) for setting in args.hnsw] if args.hnsw else [None]
 
     print(f"{faiss.omp_get_max_threads()} faiss threads; k={args.k}, dim={args.dim}, clusters={args.clusters}, "
           f"mix={args.mix}, resolution={args.resolution}")
@@ -135,9 +147,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     spawn = multiprocessing.get_context("spawn")
     for rows in args.sizes:
-        for index in args.indexes:
+        for index, hnsw in [(index, hnsw) for index in args.indexes for hnsw in (hnsw_settings if index == "hnsw" else [None])]:
             with spawn.Pool(1) as pool:  # a fresh process per run: ru_maxrss is a lifetime maximum
-                result = pool.apply(run_one, (rows, index, args))
+                result = pool.apply(run_one, (rows, index, hnsw, args))
             for found in result["leiden"]:
                 print(f"| {result['rows']:,} | {result['index']} | {result['knn_wall']:.1f} ({result['knn_cpu']:.0f}) "
                       f"| {result['recall']:.3f} | {result['edges']:,} | {result['graph_wall']:.1f} | {found['leiden']} "

@@ -22,8 +22,8 @@ EXACT_BELOW_ROWS = 100_000
 
 # Approximate indexes, chosen with benchmarks/bench_graph.py on MiniLM-like data (figures in the README).
 HNSW_LINKS_PER_NODE = 32
-HNSW_EF_CONSTRUCTION = 64
-HNSW_EF_SEARCH = 32
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 24
 # IVF-Flat: 2 * sqrt(N) lists, k-means on a seeded sample of 40 rows per list; 32 probes (16 lose recall).
 IVF_LISTS_PER_SQRT_ROW = 2
 IVF_TRAINING_ROWS_PER_LIST = 40

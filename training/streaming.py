@@ -316,9 +316,11 @@ def _node_cpus() -> int:
 
 
 def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num_actors: int | None = None,
-              sample: np.ndarray | None = None) -> str:
+              sample: np.ndarray | None = None, seconds: dict | None = None) -> str:
     """Every training row's k nearest other rows, written per shard (step 3); returns the edges' folder.
-    `sample`: the embeddings of the corpus's sample rows (IVF trains on them), when the caller has them."""
+    `sample`: the embeddings of the corpus's sample rows (IVF trains on them), when the caller has them.
+    `seconds`, when given, gets the index build's seconds as "knn_index" and the queries' as "knn_queries": the
+    build runs on one node, the queries on every node, so they scale apart."""
     import ray
 
     kind = resolve_index_kind(index, corpus.rows)
@@ -330,10 +332,12 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
         return folder
     if sample is None:
         sample = _gather(corpus, ("sample",), ["embedding"])[0]["embedding"]
+    started = time.perf_counter()
     index_bytes = corpus.rows * sample.shape[1] * 4 * 2  # the vectors, and room for the structure and a copy
     build = ray.remote(num_cpus=_node_cpus(), memory=index_bytes)(_build_shard_index)
     shared = {"serialized": build.remote(corpus, kind, sample, seed)}  # a reference: each actor fetches it once
     ray.wait([shared["serialized"]], fetch_local=False)  # built before the actors take every CPU it needs
+    built = time.perf_counter()
     fs.create_dir(target, recursive=True)
     cpus = min(4, _node_cpus())
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
@@ -348,6 +352,8 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
     ).materialize()
     with fs.open_output_stream(f"{target}/{COMPLETE}"):
         pass
+    if seconds is not None:
+        seconds.update(knn_index=built - started, knn_queries=time.perf_counter() - built)
     return folder
 
 
@@ -417,8 +423,9 @@ def fit_corpus(corpus: Corpus, config: FitConfig = FitConfig(), *, workspace: st
     log(f"stage 1 settings on a sample of {len(sample.table)} rows: k={stage1['k']}, mix={stage1['mix']}, "
         f"resolution={stage1['resolution']} ({lap('stage1_settings'):.1f}s)")
 
-    edges = knn_edges(corpus, stage1["k"], index=knn_index, seed=config.seed, sample=sample.embeddings)
-    log(f"kNN graph of {corpus.rows} rows in {lap('knn'):.1f}s")
+    knn_seconds = {}
+    edges = knn_edges(corpus, stage1["k"], index=knn_index, seed=config.seed, sample=sample.embeddings, seconds=knn_seconds)
+    log(f"kNN graph of {corpus.rows} rows in {lap('knn'):.1f}s (index build {knn_seconds.get('knn_index', 0):.1f}s)")
     labels_path = f"{edges}/tasks-mix{stage1['mix']}-resolution{stage1['resolution']}-min{config.min_task_size}.parquet"
     discover = ray.remote(num_cpus=_node_cpus(), memory=corpus.rows * (stage1["k"] * 60 + 64))(_discover_tasks)
     table = ray.get(discover.remote(corpus, edges, stage1["mix"], stage1["resolution"], config.min_task_size, config.shrinkage,
@@ -437,7 +444,7 @@ def fit_corpus(corpus: Corpus, config: FitConfig = FitConfig(), *, workspace: st
                               storage_path=_checkpoints(workspace))
     log(f"stage 2 on Ray Train in {lap('stage2'):.1f}s")
     streamed = {"input": source, "corpus": corpus.folder, "sample_rows": len(sample.table), "validation_rows": len(validation.table),
-                "seconds": seconds}
+                "seconds": seconds, "knn_seconds": knn_seconds}
     artifact = assemble_artifact(networks, table, scaling, sample, sample, validation, config,
                                  {"stage1": stage1, "stage1_trials": trials, "streamed": streamed}, log, training_rows=corpus.rows)
     lap("blend")
