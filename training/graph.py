@@ -42,6 +42,14 @@ LEIDEN_IMPLEMENTATIONS = ("auto", "leidenalg", "igraph")
 LEIDEN_IGRAPH_FROM_NODES = 100_000
 
 
+def use_assigned_cpus() -> None:
+    """Give faiss's OpenMP threads the CPUs Ray assigned to this task or actor: Ray starts its workers with one
+    OpenMP thread, which would leave a multi-CPU index build or search on one core."""
+    import ray
+
+    faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+
+
 def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -129,6 +137,7 @@ class _IndexShard:
     def __init__(self, shared: dict, k: int):
         import ray
 
+        use_assigned_cpus()
         self.index = on_gpu_if_available(faiss.deserialize_index(ray.get(shared["index"])))
         self.embeddings = ray.get(shared["embeddings"])
         self.k = k

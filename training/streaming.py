@@ -55,6 +55,7 @@ from training.graph import (
     query_block,
     resolve_index_kind,
     task_graph,
+    use_assigned_cpus,
 )
 from training.moe import array_dataset, train_with_ray
 from training.routers.base import TrainingSet
@@ -273,8 +274,9 @@ class _ShardNeighbours:
         import faiss
         import ray
 
-        from training.graph import on_gpu_if_available
+        from training.graph import on_gpu_if_available, use_assigned_cpus
 
+        use_assigned_cpus()
         self.index = on_gpu_if_available(faiss.deserialize_index(ray.get(index["serialized"])))
         self.corpus, self.k, self.folder = corpus, k, folder
         self.offsets = corpus.offsets
@@ -303,6 +305,7 @@ def _build_shard_index(corpus: Corpus, kind: str, sample: np.ndarray, seed: int)
     """The serialised index over every training row, added shard by shard (IVF's lists trained on `sample`)."""
     import faiss
 
+    use_assigned_cpus()
     index = build_index(sample, kind, seed, rows=corpus.rows, add=False)
     for shard in range(len(corpus.shards)):
         index.add(np.ascontiguousarray(corpus.read(shard, ["embedding"])["embedding"]))
@@ -339,7 +342,7 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
     ray.wait([shared["serialized"]], fetch_local=False)  # built before the actors take every CPU it needs
     built = time.perf_counter()
     fs.create_dir(target, recursive=True)
-    cpus = min(4, _node_cpus())
+    cpus = _node_cpus()  # node-wide actors: each holds a whole copy of the index, so one copy per node
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
     _shard_items(corpus).map_batches(
         _ShardNeighbours,
