@@ -7,8 +7,8 @@ prompts: encoding 1e6 prompts on 2 cores would take hours): embeddings shaped li
 that depend on the cluster, short prompts of random length. Each size runs in a fresh process, so the driver's
 peak RSS is its own; a sampler thread records the largest RSS of any Ray worker process meanwhile.
 
-    python -m benchmarks.bench_scale --sizes 100000 300000 1000000            # steps 2-6 per size
-    python -m benchmarks.bench_scale --nodes 1 2 3 --node-rows 100000         # per-node throughput
+    python -m benchmarks.bench_scale --sizes 100000 300000 1000000 --out DIR   # steps 2-6 per size
+    python -m benchmarks.bench_scale --nodes 1 2 3 --node-rows 100000 --out DIR  # per-node throughput
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -163,6 +164,55 @@ def _node_throughput(nodes: int, rows: int, prompts: int, seed: int, queue) -> N
     cluster.shutdown()
 
 
+def growth_exponents(sizes: list[dict]) -> dict[str, float]:
+    """Per step, b in seconds ~ rows^b between the smallest and the largest size (1 is linear)."""
+    first, last = sizes[0], sizes[-1]
+    ratio = np.log(last["rows"] / first["rows"])
+    steps = {**first["seconds"], **first["knn_seconds"]}
+    return {step: float(np.log({**last["seconds"], **last["knn_seconds"]}[step] / steps[step]) / ratio) for step in steps}
+
+
+def write_report(results: dict, folder: str) -> None:
+    """report.json, report.md and scaling.png (seconds per step against rows, log-log) in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    sizes, lines = results["sizes"], []
+    if sizes:
+        steps = list(sizes[0]["seconds"])
+        lines += ["| rows | " + " | ".join(f"{step} s" for step in steps) + " | of kNN: index build s | of kNN: queries s | total s | graph stage "
+                  "(kNN + tasks) s | tasks | driver peak GiB | largest worker GiB |", "|---" * (len(steps) + 8) + "|"]
+        for size in sizes:
+            seconds = size["seconds"]
+            lines.append(f"| {size['rows']:,} | " + " | ".join(f"{seconds[step]:.0f}" for step in steps)
+                         + f" | {size['knn_seconds']['knn_index']:.0f} | {size['knn_seconds']['knn_queries']:.0f} | {sum(seconds.values()):.0f} "
+                         f"| {seconds['knn'] + seconds['tasks']:.0f} | {size['tasks']} | {size['driver_peak_gib']:.2f} "
+                         f"| {size['worker_peak_gib']:.2f} ({size['worker_peak_process']}) |")
+        if len(sizes) > 1:
+            results["growth_exponents"] = growth_exponents(sizes)
+            lines += ["", "Growth, seconds ~ rows^b from the smallest to the largest size: "
+                      + ", ".join(f"{step} {b:.2f}" for step, b in results["growth_exponents"].items())]
+        figure, axes = plt.subplots(figsize=(6, 4))
+        rows = [size["rows"] for size in sizes]
+        for step in [*steps, "knn_index", "knn_queries"]:
+            axes.plot(rows, [{**size["seconds"], **size["knn_seconds"]}[step] for size in sizes], marker="o", label=step)
+        axes.set(xscale="log", yscale="log", xlabel="training rows", ylabel="seconds", title="Streamed fit, steps 2-6 on 2 cores")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(f"{folder}/scaling.png", dpi=120)
+    if results["nodes"]:
+        lines += ["", "| simulated nodes (1 CPU each) | encoder prompts/s | kNN queries rows/s | index build s (one node) |", "|---|---|---|---|"]
+        lines += [f"| {node['nodes']} | {node['embed_prompts_per_s']:.1f} | {node['knn_query_rows_per_s']:.0f} | {node['knn_index_s']:.0f} |"
+                  for node in results["nodes"]]
+    with open(f"{folder}/report.json", "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(f"{folder}/report.md", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
 def _in_fresh_process(target, *args) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -181,13 +231,19 @@ def main() -> None:
     parser.add_argument("--node-rows", type=int, default=100_000, help="synthetic rows in each throughput run's kNN step")
     parser.add_argument("--node-prompts", type=int, default=1_000, help="real prompts in each throughput run's encoder step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="a folder for report.json, report.md and scaling.png")
+    parser.add_argument("--report-from", help="only write the report of an earlier run's report.json (into --out)")
     args = parser.parse_args()
 
     # The module's own functions, not __main__'s: Ray's workers import them by module name.
     from benchmarks import bench_scale
 
-    results = {"sizes": [], "nodes": []}
+    if args.report_from:
+        with open(args.report_from) as handle:
+            write_report(json.load(handle), args.out)
+        return
+    results = {"sizes": [], "nodes": [], "command": " ".join(["python -m benchmarks.bench_scale", *sys.argv[1:]]),
+               "cpus": os.cpu_count()}
     for rows in args.sizes:
         result = _in_fresh_process(bench_scale._one_size, rows, args.epochs, args.seed)
         results["sizes"].append(result)
@@ -201,8 +257,7 @@ def main() -> None:
         print(f"{nodes} node(s): encoder {result['embed_prompts_per_s']:.1f} prompts/s, kNN queries {result['knn_query_rows_per_s']:.0f} "
               f"rows/s (index build on one node {result['knn_index_s']:.1f}s)", flush=True)
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_report(results, args.out)
 
 
 if __name__ == "__main__":
