@@ -180,7 +180,9 @@ def write_report(results: dict, folder: str) -> None:
     import matplotlib.pyplot as plt
 
     os.makedirs(folder, exist_ok=True)
-    sizes, lines = results["sizes"], []
+    sizes = results["sizes"]
+    lines = [f"`{results['command']}`" + (f" (commit {results['commit']})" if "commit" in results else "")
+             + f", {results['cpus']} CPUs. {results.get('notes', '')}".rstrip(), ""] if "command" in results else []
     if sizes:
         steps = list(sizes[0]["seconds"])
         lines += ["| rows | " + " | ".join(f"{step} s" for step in steps) + " | of kNN: index build s | of kNN: queries s | total s | graph stage "

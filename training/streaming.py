@@ -231,7 +231,7 @@ def embed_corpus(uri: str, embedder: str, *, workspace: str | None = None, valid
                                "folder": folder, "validation_below": validation_below, "device": "cuda" if num_gpus > 0 else "cpu"},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(pieces)))),
+        compute=_one_shard_at_a_time(num_actors, len(pieces)),
         num_cpus=1 if num_gpus > 0 else cpus_per_actor(num_actors),
         num_gpus=num_gpus or None,
     ).take_all()
@@ -312,6 +312,14 @@ def _build_shard_index(corpus: Corpus, kind: str, sample: np.ndarray, seed: int)
     return faiss.serialize_index(index)
 
 
+def _one_shard_at_a_time(actors: int, shards: int):
+    """An actor pool handed one shard at a time: a shard is seconds to minutes of work, and Ray Data's default
+    of several blocks in flight per actor queues most shards on the first actor ready, leaving the others idle."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=max(1, min(actors, shards)), max_tasks_in_flight_per_actor=1)
+
+
 def _node_cpus() -> int:
     import ray
 
@@ -349,7 +357,7 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
         fn_constructor_kwargs={"corpus": corpus, "index": shared, "k": k, "folder": folder},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(corpus.shards)))),
+        compute=_one_shard_at_a_time(actors, len(corpus.shards)),
         num_cpus=cpus,
         memory=index_bytes // 2,
     ).materialize()
