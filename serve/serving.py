@@ -91,10 +91,8 @@ class RoutedChat:
 
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
                  config: RouterAppConfig, ledger: DeploymentHandle | None = None, cascades: bool = False):
-        # The calls of every decision go over gRPC (by value), which costs less per call than Ray's actor-task
-        # path; the backends keep Ray's path (their calls last seconds, and ray.serve.llm streams over it).
-        self.embedder, self.ranker = embedder.options(_by_reference=False), ranker.options(_by_reference=False)
-        self.backends, self.config, self.ledger, self.cascades = backends, config, ledger, cascades
+        self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
+        self.cascades = cascades
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
@@ -122,7 +120,7 @@ class RoutedChat:
                 raise APIError(400, f"unknown candidates {unknown}; the pool is {list(self.backends)}", param="candidates")
         if self.config.access.log_prompts:
             logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
-        # Serve hands the embedding to the Ranker as soon as it is ready, without waking this handler.
+        # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
         embedded = self.embedder.embed.remote(text)
         return await self._within_capacity(self.ranker.decide.remote(
             embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates, controls.max_cost,
