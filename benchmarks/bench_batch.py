@@ -41,11 +41,14 @@ def run_job(command: list[str], output: Path) -> tuple[float, list[tuple[float, 
     seen: dict[str, tuple[float, int]] = {}
     done = threading.Event()
 
+    def note_new_parts(seconds: float) -> None:
+        for path in output.glob("part-*.parquet") if output.exists() else ():
+            if path.name not in seen and (match := PART.fullmatch(path.name)):
+                seen[path.name] = (seconds, int(match[2]) - int(match[1]))
+
     def watch() -> None:
         while not done.wait(0.1):
-            for path in output.glob("part-*.parquet") if output.exists() else ():
-                if path.name not in seen and (match := PART.fullmatch(path.name)):
-                    seen[path.name] = (time.perf_counter() - started, int(match[2]) - int(match[1]))
+            note_new_parts(time.perf_counter() - started)
 
     started = time.perf_counter()
     watcher = threading.Thread(target=watch)
@@ -58,9 +61,7 @@ def run_job(command: list[str], output: Path) -> tuple[float, list[tuple[float, 
         seconds = time.perf_counter() - started
         done.set()
         watcher.join()
-    for path in output.glob("part-*.parquet"):  # a part written in the last tenth of a second
-        if path.name not in seen and (match := PART.fullmatch(path.name)):
-            seen[path.name] = (seconds, int(match[2]) - int(match[1]))
+    note_new_parts(seconds)  # a part written in the last tenth of a second
     return seconds, sorted(seen.values())
 
 

@@ -52,6 +52,7 @@ from training.graph import (
     community_sums,
     leiden,
     merge_by_centroids,
+    on_gpu_if_available,
     query_block,
     resolve_index_kind,
     task_graph,
@@ -274,8 +275,6 @@ class _ShardNeighbours:
         import faiss
         import ray
 
-        from training.graph import on_gpu_if_available, use_assigned_cpus
-
         use_assigned_cpus()
         self.index = on_gpu_if_available(faiss.deserialize_index(ray.get(index["serialized"])))
         self.corpus, self.k, self.folder = corpus, k, folder
@@ -345,12 +344,12 @@ def knn_edges(corpus: Corpus, k: int, *, index: str = "auto", seed: int = 0, num
         sample = _gather(corpus, ("sample",), ["embedding"])[0]["embedding"]
     started = time.perf_counter()
     index_bytes = corpus.rows * sample.shape[1] * 4 * 2  # the vectors, and room for the structure and a copy
-    build = ray.remote(num_cpus=_node_cpus(), memory=index_bytes)(_build_shard_index)
+    cpus = _node_cpus()  # the build and each query actor take a whole node: one copy of the index per node
+    build = ray.remote(num_cpus=cpus, memory=index_bytes)(_build_shard_index)
     shared = {"serialized": build.remote(corpus, kind, sample, seed)}  # a reference: each actor fetches it once
     ray.wait([shared["serialized"]], fetch_local=False)  # built before the actors take every CPU it needs
     built = time.perf_counter()
     fs.create_dir(target, recursive=True)
-    cpus = _node_cpus()  # node-wide actors: each holds a whole copy of the index, so one copy per node
     actors = num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
     _shard_items(corpus).map_batches(
         _ShardNeighbours,
