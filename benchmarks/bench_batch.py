@@ -68,7 +68,7 @@ def run_job(command: list[str], output: Path) -> tuple[float, list[tuple[float, 
 def bare_encode_seconds(encoder, prompts: list[str], call_size: int, threads: int) -> float:
     import torch
 
-    from serve.encoder import encode
+    from serve.core.encoder import encode
 
     torch.set_num_threads(threads)
     encode(encoder, prompts[:16])  # warm-up
@@ -85,8 +85,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="the job's --batch-size, and the bare encode's call size")
     args, job_flags = parser.parse_known_args()
 
-    from serve.artifact import RouterArtifact
-    from serve.encoder import load_encoder
+    from serve.core.artifact import RouterArtifact
+    from serve.core.encoder import load_encoder
     from training.datasets import load_dataset
 
     prompts = list(load_dataset(args.dataset).prompts)

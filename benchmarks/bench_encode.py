@@ -1,4 +1,4 @@
-"""Encoder throughput by forward mini-batch size, the figure behind `serve.encoder.forward_batch_size`.
+"""Encoder throughput by forward mini-batch size, the figure behind `serve.core.encoder.forward_batch_size`.
 
 sentence-transformers sorts one call's prompts by length and pads each mini-batch to its longest, so the
 mini-batch size trades padding waste against per-call overhead. Encodes the same test-split prompts in calls
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from serve.encoder import DEFAULT_EMBEDDER, encode, load_encoder
+from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder
 from training.datasets import load_dataset
 
 

@@ -66,7 +66,7 @@ def run_fake_upstream(port: int) -> None:
 
 def write_serve_config(folder: Path, artifact: Path, upstream: str, port: int) -> Path:
     """serve.config with every pool model on the fake upstream and the app on `port`."""
-    from serve.artifact import RouterArtifact
+    from serve.core.artifact import RouterArtifact
 
     config = yaml.safe_load((REPO / "serve.config").read_text())
     config["http_options"]["port"] = port

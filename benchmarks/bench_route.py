@@ -62,7 +62,7 @@ def _deploy(port: int) -> str:
     from fastapi import FastAPI
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app.builder import build_app
 
     noop = FastAPI()
 
@@ -84,7 +84,7 @@ def _deploy(port: int) -> str:
 def _bare_encode_ms(texts: list[str], embedder: str, threads: int) -> list[float]:
     import torch
 
-    from serve.encoder import encode, load_encoder
+    from serve.core.encoder import encode, load_encoder
 
     torch.set_num_threads(threads)
     encoder = load_encoder(embedder, device="cpu")
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8011)
     args = parser.parse_args()
 
-    from serve.artifact import RouterArtifact
+    from serve.core.artifact import RouterArtifact
     from training.datasets import load_dataset
 
     table = load_dataset("llmrouter_9model")

@@ -30,7 +30,11 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.bench_graph import MODELS, cluster_dependent_scores, clustered_embeddings
+from benchmarks.bench_graph import (
+    MODELS,
+    cluster_dependent_scores,
+    clustered_embeddings,
+)
 
 CLUSTERS = 200
 WORDS = ("explain", "solve", "write", "prove", "list", "compare", "the", "function", "equation", "essay", "code", "why")
@@ -134,7 +138,7 @@ def _node_throughput(nodes: int, rows: int, prompts: int, seed: int, queue) -> N
     import ray
     from ray.cluster_utils import Cluster
 
-    from serve.encoder import DEFAULT_EMBEDDER
+    from serve.core.encoder import DEFAULT_EMBEDDER
     from training.datasets import load_dataset
     from training.streaming import embed_corpus, knn_edges
 

@@ -11,7 +11,7 @@ the trained router artifact. `run` (there) measures, each step failing loudly:
 - knn: the exact kNN graph of 1e6 prompt-like vectors with `training.graph.torch_knn` (the product's GPU path
   where faiss has no GPU build), with recall@10 against an exact CPU search of sampled rows;
 - decide: the router's decision (networks and ranking, prompt features aside) on 1e6 prompts, as the Ranker
-  and the batch job compute it (`RouterArtifact.predict_inputs` and `serve.decision.rank_models`).
+  and the batch job compute it (`RouterArtifact.predict_inputs` and `serve.core.decision.rank_models`).
 
     .venv/bin/python benchmarks/gpu_check.py prepare --assets .gpu_check       # here
     python3 benchmarks/gpu_check.py run --assets .gpu_check [--device cuda]    # there
@@ -47,7 +47,7 @@ def prepare(assets: Path, artifact: Path, dataset: str, prompts: int) -> None:
     """Write the encoder (fp16), real prompts, their CPU embeddings and the artifact into `assets`."""
     import torch
 
-    from serve.encoder import DEFAULT_EMBEDDER, encode, load_encoder
+    from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder
     from training.datasets import load_dataset
 
     if assets.exists():
@@ -125,8 +125,8 @@ def check_knn(embeddings: np.ndarray, rows: int, device: str, dtype: str) -> Non
 
 
 def check_decide(assets: Path, embeddings: np.ndarray, rows: int, chunk: int = 65536) -> None:
-    from serve.artifact import RouterArtifact
-    from serve.decision import PRESETS, rank_models
+    from serve.core.artifact import RouterArtifact
+    from serve.core.decision import PRESETS, rank_models
 
     artifact = RouterArtifact.load(assets / ARTIFACT_DIR)
     vectors = prompt_like_vectors(embeddings, rows, seed=2)

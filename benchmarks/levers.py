@@ -20,8 +20,8 @@ from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.fit import FitConfig, fit_router
 from training.moe import NetworkConfig
-from training.protocols import training_rows
 from training.routers.base import ArtifactRouter, TrainingSet, validation_score
+from training.splits import training_rows
 
 BASE = FitConfig(trainer="local")
 LEVERS = {

@@ -17,16 +17,16 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve.answer_facts import AnswerFacts, agreement
-from serve.posthoc import FEATURE_GROUPS
+from serve.core.answer_facts import AnswerFacts, agreement
+from serve.core.posthoc import FEATURE_GROUPS
 from training.answers import embed_answers
 from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.metrics import curve_aiq
-from training.protocols import training_rows
 from training.routers.base import ArtifactRouter, TrainingSet, validation_score
 from training.routers.cascade import DEFAULT_GROUPS, CascadeRoutingPolicy
 from training.routers.finerouter import evaluation_fit
+from training.splits import training_rows
 
 
 def log_loss(policy: CascadeRoutingPolicy, held_out: TrainingSet, seed: int) -> float:

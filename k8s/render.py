@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from serve.config import RouterAppConfig
+from serve.app.app_config import RouterAppConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO / "serve.gpu.config"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ARTIFACT=${ARTIFACT:-artifacts/llmrouter_9model}
-if ! .venv/bin/python -c "import sys; from serve.artifact import RouterArtifact; RouterArtifact.load(sys.argv[1])" "$ARTIFACT" 2>/dev/null; then
+if ! .venv/bin/python -c "import sys; from serve.core.artifact import RouterArtifact; RouterArtifact.load(sys.argv[1])" "$ARTIFACT" 2>/dev/null; then
   echo "training $ARTIFACT (missing, or written by another build)"
   .venv/bin/python -m training fit --dataset llmrouter_9model --out "$ARTIFACT"
 fi

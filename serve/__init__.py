@@ -1,0 +1,2 @@
+"""Online: the router core (`core`, NumPy, no Ray Serve), the Serve app (`app`), the pool's backends
+(`backends`) and the batch routing job (`batch`). Nothing here imports `training`."""

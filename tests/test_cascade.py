@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_routing_set
 
-from serve.answer_facts import (
+from serve.core.answer_facts import (
     AnswerFacts,
     agreement,
     choice_letter,
@@ -14,7 +14,7 @@ from serve.answer_facts import (
     is_refusal,
     parses_as_python,
 )
-from serve.posthoc import FEATURE_GROUPS
+from serve.core.posthoc import FEATURE_GROUPS
 from training.posthoc import fit_logistic, fit_posthoc
 from training.routers.base import TrainingSet
 from training.routers.cascade import agreement_outcome, frugal_outcome, run_cascade
@@ -139,7 +139,7 @@ def test_harness_runs_the_cascades_beside_the_routers_and_says_when_there_are_no
 def test_the_artifact_carries_the_post_hoc_estimator_and_reads_older_ones_without(tmp_path):
     import json
 
-    from serve.artifact import ArtifactError, RouterArtifact
+    from serve.core.artifact import ArtifactError, RouterArtifact
     from training.fit import FitConfig, fit_router
     from training.moe import NetworkConfig
     from training.routers.cascade import fit_cascade_estimator
@@ -168,7 +168,7 @@ def test_the_artifact_carries_the_post_hoc_estimator_and_reads_older_ones_withou
 
 
 def test_a_played_cascade_asks_another_model_when_an_answer_does_not_come():
-    from serve.cascade import play_cascade
+    from serve.core.cascade import play_cascade
 
     data = answered_set(rows=200)
     fit, calibration = data.validation_split(0, fraction=0.5)

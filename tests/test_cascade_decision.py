@@ -1,9 +1,9 @@
-"""The cascade-routing decision rule (serve.decision.cascade_step): NumPy only, milliseconds."""
+"""The cascade-routing decision rule (serve.core.decision.cascade_step): NumPy only, milliseconds."""
 
 import numpy as np
 import pytest
 
-from serve.decision import _expected_best, _supermodels, cascade_step, choose
+from serve.core.decision import _expected_best, _supermodels, cascade_step, choose
 
 RNG = np.random.default_rng(0)
 QUALITY = RNG.random((50, 5))

@@ -33,7 +33,7 @@ RESOLUTION = 0.15
 def sample(shared_data):
     """RouterBench's answered prompts, each text once, for the pool: seeded training and test rows, with their
     embeddings and what their answers say (the training command's inputs)."""
-    from serve.answer_facts import AnswerFacts
+    from serve.core.answer_facts import AnswerFacts
     from training.answers import embed_answers
     from training.datasets import load_dataset
     from training.embed import embed_texts
@@ -70,7 +70,7 @@ def artifact_dir(sample, tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(sample, artifact_dir):
     """The evaluation's cascade on the test prompts' recorded answers: (texts, responses [N, M], outcome)."""
-    from serve.artifact import RouterArtifact
+    from serve.core.artifact import RouterArtifact
     from training.routers.cascade import run_cascade
 
     artifact, test = RouterArtifact.load(artifact_dir), sample[1]
@@ -146,7 +146,7 @@ def test_the_batch_job_takes_the_evaluation_s_steps(tmp_path, capsys, ray_sessio
 def api(ray_session, artifact_dir, upstream):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app.builder import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,7 +12,7 @@ from training.datasets import (
     load_user_dataset,
     routerbench_question,
 )
-from training.protocols import folds
+from training.splits import folds
 
 
 @pytest.fixture(scope="module")

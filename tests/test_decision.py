@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from serve.decision import CostModel, choose, rank_models
+from serve.core.decision import CostModel, choose, rank_models
 
 QUALITY = np.array([[0.9, 0.6, 0.3], [0.2, 0.8, 0.5]])
 COST = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.encoder import (
+from serve.core.encoder import (
     DEFAULT_EMBEDDER,
     count_tokens,
     encode,

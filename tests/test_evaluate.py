@@ -9,7 +9,7 @@ from conftest import synthetic_routing_set
 
 from training.evaluate import evaluate, write_report
 from training.metrics import aiq
-from training.protocols import folds, training_rows
+from training.splits import folds, training_rows
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import stage2_data, synthetic_routing_set
 
-from serve.artifact import ArtifactError, RouterArtifact, network_inputs
+from serve.core.artifact import ArtifactError, RouterArtifact, network_inputs
 from training.fit import FitConfig, fit_router, task_table
 from training.moe import (
     MixtureOfExperts,

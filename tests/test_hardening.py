@@ -157,7 +157,7 @@ def refused_port():
 def base_url(ray_session, tmp_path_factory, upstream, refused_port):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app.builder import build_app
 
     folder = tmp_path_factory.mktemp("hardening")
     artifact = fit_router(synthetic_routing_set(), SMALL, log=lambda message: None).save(folder / "router")

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from serve.settings import REPO_ROOT, data_dir
+from serve.core.paths import REPO_ROOT, data_dir
 
 SCHEMAS = data_dir().parent / "schemas" / "kuberay"
 CRDS = {"RayService": "ray.io_rayservices.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}
@@ -72,7 +72,7 @@ def test_rayservice_embeds_the_serve_config():
     render = _load_render()
     serve_config = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
     assert serve_config == yaml.safe_load(render.SERVE_CONFIG.read_text())
-    assert [app["import_path"] for app in serve_config["applications"]] == ["serve.app:build_app"]
+    assert [app["import_path"] for app in serve_config["applications"]] == ["serve.app.builder:build_app"]
 
 
 def test_committed_manifests_equal_their_rendering():
@@ -105,7 +105,7 @@ def test_cluster_launcher_config_is_valid_and_names_head_and_gpu_nodes():
 
 def test_render_refuses_an_artifact_outside_the_volume(tmp_path):
     config = tmp_path / "serve.gpu.config"
-    config.write_text("applications:\n  - name: finerouter\n    import_path: serve.app:build_app\n    args: {artifact: /models/router}\n")
+    config.write_text("applications:\n  - name: finerouter\n    import_path: serve.app.builder:build_app\n    args: {artifact: /models/router}\n")
     with pytest.raises(ValueError, match="'/models/router'.*outside the artifact volume /artifacts"):
         _load_render().manifests(config)
 
@@ -115,7 +115,7 @@ def test_gpu_workers_follow_the_serve_config(tmp_path):
     config = yaml.safe_load("""
 applications:
   - name: finerouter
-    import_path: serve.app:build_app
+    import_path: serve.app.builder:build_app
     args:
       backends:
         a: {kind: vllm, model_source: org/a, deployment_config: {autoscaling_config: {min_replicas: 1, max_replicas: 3}}}

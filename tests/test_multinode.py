@@ -92,7 +92,7 @@ def _streamed_corpus(folder, texts: list[str], workspace: str, num_actors: int, 
     """`texts` as a user's JSON Lines file (two models, made-up scores), embedded by the streamed fit's first step."""
     import json
 
-    from serve.encoder import DEFAULT_EMBEDDER
+    from serve.core.encoder import DEFAULT_EMBEDDER
     from training.streaming import embed_corpus
 
     folder.mkdir()
@@ -133,7 +133,7 @@ def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_searc
 
 def test_streamed_embedding_survives_a_node_removed_mid_job_with_complete_identical_shards(cluster, tmp_path):
     """Last in this module: it takes a node away (and puts a fresh one back)."""
-    from serve.encoder import encode, load_encoder
+    from serve.core.encoder import encode, load_encoder
 
     head_and_workers, workers = cluster
     texts = _texts(2000)

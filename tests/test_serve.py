@@ -17,10 +17,15 @@ import yaml
 from conftest import free_port
 from pydantic import ValidationError
 
-from serve.config import RouterAppConfig
-from serve.failures import BackendFailure, classify
-from serve.pool import payloads
-from serve.protocol import APIError, ChatCompletionRequest, RouteRequest, routing_text
+from serve.app.app_config import RouterAppConfig
+from serve.app.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    RouteRequest,
+    routing_text,
+)
+from serve.backends.failures import BackendFailure, classify
+from serve.backends.pool import payloads
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT = REPO / "artifacts" / "llmrouter_9model"
@@ -80,7 +85,7 @@ def test_backend_outputs_are_normalised():
 
 
 def test_token_counts_are_exact_up_to_the_bound_and_extrapolated_beyond():
-    from serve.encoder import TOKEN_COUNT_EXACT_CHARS, _tokenizer, count_tokens
+    from serve.core.encoder import TOKEN_COUNT_EXACT_CHARS, _tokenizer, count_tokens
 
     text = ("The quick brown fox jumps over the lazy dog. " * 2000)[:TOKEN_COUNT_EXACT_CHARS]
     exact = len(_tokenizer("all-MiniLM-L6-v2")(text, add_special_tokens=False)["input_ids"])
@@ -89,8 +94,8 @@ def test_token_counts_are_exact_up_to_the_bound_and_extrapolated_beyond():
 
 
 def test_cooldown_engages_after_allowed_fails_and_lifts_after_a_successful_probe():
-    from serve.config import CooldownConfig
-    from serve.cooldown import AVAILABLE, COOLING_DOWN, PROBING, Cooldowns
+    from serve.backends.backend_config import CooldownConfig
+    from serve.backends.cooldown import AVAILABLE, COOLING_DOWN, PROBING, Cooldowns
 
     now = [0.0]
     cooldowns = Cooldowns(CooldownConfig(allowed_fails=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
@@ -111,8 +116,8 @@ def test_cooldown_engages_after_allowed_fails_and_lifts_after_a_successful_probe
 
 
 def test_api_keys_come_from_a_file_or_a_variable_and_match_in_full(tmp_path, monkeypatch):
-    from serve.access import KeyRing, key_id, read_api_keys
-    from serve.config import AccessConfig
+    from serve.app.access import KeyRing, key_id, read_api_keys
+    from serve.app.app_config import AccessConfig
 
     (tmp_path / "keys").write_text("sk-one\n\nsk-two\n")
     monkeypatch.setenv("ROUTER_KEYS", "sk-three, sk-four")
@@ -132,8 +137,8 @@ def test_api_keys_come_from_a_file_or_a_variable_and_match_in_full(tmp_path, mon
 def test_the_openai_endpoint_closes_its_client_when_serve_shuts_the_replica_down():
     import asyncio
 
-    from serve.http_retry import RetryPolicy
-    from serve.openai_endpoint import OpenAIEndpoint
+    from serve.backends.openai_endpoint import OpenAIEndpoint
+    from serve.backends.retry import RetryPolicy
 
     async def shut_down():
         endpoint = OpenAIEndpoint("http://127.0.0.1:9/v1", None, 1.0, RetryPolicy())
@@ -146,7 +151,7 @@ def test_the_openai_endpoint_closes_its_client_when_serve_shuts_the_replica_down
 @pytest.mark.parametrize("name", ["serve.config", "serve.gpu.config"])
 def test_shipped_configs_validate(name):
     application = yaml.safe_load((REPO / name).read_text())["applications"][0]
-    assert application["import_path"] == "serve.app:build_app"
+    assert application["import_path"] == "serve.app.builder:build_app"
     config = RouterAppConfig.model_validate(application["args"])
     assert config.artifact == "artifacts/llmrouter_9model"
     assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Ranker"}
@@ -154,8 +159,8 @@ def test_shipped_configs_validate(name):
 
 
 def test_missing_artifact_says_how_to_build_one(tmp_path):
-    from serve.app import build_app
-    from serve.artifact import ArtifactError
+    from serve.app.builder import build_app
+    from serve.core.artifact import ArtifactError
 
     with pytest.raises(ArtifactError, match="python -m training fit"):
         build_app({"artifact": str(tmp_path / "none")})
@@ -168,7 +173,7 @@ def test_missing_artifact_says_how_to_build_one(tmp_path):
 @pytest.fixture(scope="session")
 def artifact_path(tmp_path_factory, shared_data):
     """The shipped artifact when it loads, else one trained now (1-2 min)."""
-    from serve.artifact import ArtifactError, RouterArtifact
+    from serve.core.artifact import ArtifactError, RouterArtifact
 
     try:
         RouterArtifact.load(ARTIFACT)
@@ -184,7 +189,7 @@ def artifact_path(tmp_path_factory, shared_data):
 @pytest.fixture(scope="module")
 def offline(artifact_path):
     """A sample of the test split with the evaluation's own inputs: cached embeddings and token counts."""
-    from serve.artifact import RouterArtifact
+    from serve.core.artifact import RouterArtifact
     from training.datasets import load_dataset
     from training.embed import embed_texts
 
@@ -228,7 +233,7 @@ def broken_model(offline):
 def base_url(ray_session, artifact_path, failing_upstream, broken_model):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app.builder import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -349,7 +354,7 @@ def test_a_failing_backend_hands_every_request_to_the_next_model(api, offline, b
 
 @pytest.mark.slow
 def test_a_cascade_without_a_post_hoc_estimator_is_routed_and_says_so(api, artifact_path):
-    from serve.app import build_app
+    from serve.app.builder import build_app
 
     response = api.post("/v1/chat/completions", json={"model": "router", "messages": QUESTION, "max_tokens": 4, "policy": "cascade"})
     assert response.status_code == 200, response.text

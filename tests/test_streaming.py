@@ -30,7 +30,7 @@ def write_user_data(folder, data, files: int = 2, test_every: int = 0):
 def streamed(ray_session, tmp_path_factory):
     """(corpus, its source TrainingSet, the input folder, the workspace): 300 rows in two files, every tenth a
     test row, cut into shards of at most 70 input rows (three per file)."""
-    from serve.encoder import DEFAULT_EMBEDDER
+    from serve.core.encoder import DEFAULT_EMBEDDER
     from training.streaming import embed_corpus
 
     data = synthetic_routing_set(rows=300)
@@ -45,7 +45,7 @@ def _in_row_order(corpus, column: str) -> np.ndarray:
 
 
 def test_shards_hold_every_training_row_once_with_the_encoders_embedding(streamed):
-    from serve.encoder import encode, load_encoder
+    from serve.core.encoder import encode, load_encoder
     from training.streaming import Corpus, embed_corpus
 
     corpus, data, folder, workspace = streamed
@@ -96,7 +96,7 @@ def test_streamed_fit_writes_an_artifact_that_routes(streamed, tmp_path):
     streamed = artifact.manifest["validation"]["streamed"]
     assert streamed["input"] == str(folder) and set(streamed["seconds"]) == {"embed", "stage1_settings", "knn", "tasks", "stage2", "blend"}
     artifact.save(tmp_path / "artifact")
-    from serve.artifact import RouterArtifact
+    from serve.core.artifact import RouterArtifact
 
     loaded = RouterArtifact.load(tmp_path / "artifact")
     ranking = loaded.route(data.embeddings[:5], data.table.prompts[:5], data.table.prompt_tokens[:5], 0.05)

@@ -10,10 +10,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from serve.encoder import DEFAULT_EMBEDDER
+from serve.core.encoder import DEFAULT_EMBEDDER
 from training.evaluate import SEEDS
 from training.fit import FitConfig
-from training.protocols import PROTOCOLS
+from training.splits import PROTOCOLS
 
 
 def _dataset_arguments(parser: argparse.ArgumentParser, source=None) -> None:
@@ -47,10 +47,10 @@ def _fit(args, table, embeddings) -> None:
     `cascade` fits it (on the router's own fit rows and validation slice)."""
     import numpy as np
 
-    from serve.answer_facts import AnswerFacts
-    from training.protocols import training_rows
+    from serve.core.answer_facts import AnswerFacts
     from training.routers.base import TrainingSet
     from training.routers.cascade import fit_with_cascades
+    from training.splits import training_rows
 
     rows = training_rows(table, args.holdout, args.seed)
     answered = _answer_embeddings(args, table)

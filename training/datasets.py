@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.encoder import DEFAULT_EMBEDDER, count_tokens
-from serve.settings import data_dir
+from serve.core.encoder import DEFAULT_EMBEDDER, count_tokens
+from serve.core.paths import data_dir
 
 # Output length assumed where a dataset records none (llmrouter_9model, routerdc_7model), in tokens.
 DEFAULT_OUTPUT_TOKENS = 256

@@ -1,6 +1,6 @@
 """The training corpus's embeddings: a Ray Data job over an actor pool of encoders, with an on-disk cache.
 
-The encoder itself (`serve.encoder`) belongs to serving, so the vectors trained on are the vectors served.
+The encoder itself (`serve.core.encoder`) belongs to serving, so the vectors trained on are the vectors served.
 Ray is imported lazily, so the cache can be read without it.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.encoder import BUNDLED_ALIASES, DEFAULT_EMBEDDER, encode, load_encoder
-from serve.settings import cache_dir as cache_root
+from serve.core.encoder import BUNDLED_ALIASES, DEFAULT_EMBEDDER, encode, load_encoder
+from serve.core.paths import cache_dir as cache_root
 
 logger = logging.getLogger(__name__)
 

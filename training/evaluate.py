@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.answer_facts import AnswerFacts
+from serve.core.answer_facts import AnswerFacts
 from training.datasets import RoutingTable
 from training.metrics import (
     bootstrap_gain,
@@ -24,11 +24,11 @@ from training.metrics import (
     frontier,
     trace_curve,
 )
-from training.protocols import folds
 from training.routers.base import TrainingSet
 from training.routers.baselines import BASELINE_ROUTERS
 from training.routers.cascade import CASCADE_ROUTERS
 from training.routers.finerouter import FINEROUTER_VARIANTS
+from training.splits import folds
 
 Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
 SEEDS = 3  # seeds per learned router: 0, 1, 2

@@ -14,11 +14,17 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from serve.artifact import RouterArtifact, network_inputs
-from serve.encoder import DEFAULT_EMBEDDER
-from serve.features import prompt_features
+from serve.core.artifact import RouterArtifact, network_inputs
+from serve.core.encoder import DEFAULT_EMBEDDER
+from serve.core.features import prompt_features
 from training.graph import knn, leiden, merge_small_communities, task_graph
-from training.moe import NetworkConfig, export_weights, in_memory_datasets, train_networks, train_with_ray
+from training.moe import (
+    NetworkConfig,
+    export_weights,
+    in_memory_datasets,
+    train_networks,
+    train_with_ray,
+)
 from training.routers.base import (
     ArtifactRouter,
     Router,

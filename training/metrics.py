@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serve.decision import choose
+from serve.core.decision import choose
 
 
 def frontier(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +98,7 @@ def bootstrap_gain(
     return {"mean": float(gains.mean()), "low": float(np.quantile(gains, 0.025)), "high": float(np.quantile(gains, 0.975))}
 
 
-# The cost-weight sweep (dimensionless, see serve.decision.PRESETS): 0, then a log grid up to the weight at
+# The cost-weight sweep (dimensionless, see serve.core.decision.PRESETS): 0, then a log grid up to the weight at
 # which the cheapest model always wins.
 COST_WEIGHTS = np.concatenate([[0.0], np.logspace(-3, 2, 41)])
 

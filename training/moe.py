@@ -1,6 +1,6 @@
 """Stage 2 and the task classifier as torch networks, and the training loop Ray Train runs on each worker.
 
-The networks mirror `serve.artifact.RouterArtifact.predict` exactly; `export_weights` writes their
+The networks mirror `serve.core.artifact.RouterArtifact.predict` exactly; `export_weights` writes their
 parameters under the artifact's array names, so serving needs NumPy only.
 """
 
@@ -336,7 +336,7 @@ def train_with_ray(datasets: dict, candidates: np.ndarray, config: NetworkConfig
 
 
 def export_weights(networks: dict) -> dict[str, np.ndarray]:
-    """The artifact's arrays (serve.artifact.WEIGHT_ARRAYS) from the trained state dicts."""
+    """The artifact's arrays (serve.core.artifact.WEIGHT_ARRAYS) from the trained state dicts."""
     c, m = networks["classifier"], networks["moe"]
 
     def array(tensor):

@@ -1,4 +1,4 @@
-"""Fitting the post-hoc estimator (`serve.posthoc.PostHocEstimator`, which serving owns for inference).
+"""Fitting the post-hoc estimator (`serve.core.posthoc.PostHocEstimator`, which serving owns for inference).
 
 Two stages, so that each is fitted on data it can trust:
 1. on the fit part of the training rows, per model, a logistic regression on what the answer says about itself
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from serve.answer_facts import AnswerFacts, agreement
-from serve.posthoc import (
+from serve.core.answer_facts import AnswerFacts, agreement
+from serve.core.posthoc import (
     FEATURE_GROUPS,
     PostHocEstimator,
     own_features,

@@ -39,14 +39,28 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from serve.artifact import RouterArtifact, network_inputs
-from serve.batch.inputs import Chunk, JobInput, check_input, chunks, filesystem, read_chunk
-from serve.encoder import count_tokens, encode, load_encoder
-from serve.features import prompt_features
-from serve.settings import cache_dir
+from serve.core.artifact import RouterArtifact, network_inputs
+from serve.core.encoder import count_tokens, encode, load_encoder
+from serve.core.features import prompt_features
+from serve.core.paths import cache_dir
+from serve.core.prompt_files import (
+    Chunk,
+    JobInput,
+    check_input,
+    chunks,
+    filesystem,
+    read_chunk,
+)
 from training.datasets import DatasetError, RoutingTable, record_layout, user_record
 from training.embed import EMBEDDING_FORMAT, canonical_model_name, cpus_per_actor
-from training.fit import FitConfig, _select_stage1, assemble_artifact, feature_scaling, task_candidates, task_table
+from training.fit import (
+    FitConfig,
+    _select_stage1,
+    assemble_artifact,
+    feature_scaling,
+    task_candidates,
+    task_table,
+)
 from training.graph import (
     build_index,
     community_sums,

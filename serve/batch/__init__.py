@@ -15,6 +15,7 @@ answered by cascade routing: models asked in turn on that endpoint, each answer 
 Paths may be local or any URI pyarrow reads (s3://, gs://). After a crash, the same command with `--resume`
 writes only the rows that are missing.
 
-Modules: `inputs` (checks and row ranges), `ranking`, `answers` and `cascade` (the Ray Data stages), `output`
-(part files and resume), `cli` (the pipeline and the command line).
+Modules: `ranking`, `answers` and `cascade` (the Ray Data stages), `output`
+(part files and resume), `cli` (the pipeline and the command line). Its input reader (checks and row ranges) is
+`serve.core.prompt_files`, shared with the streamed fit.
 """

@@ -1,6 +1,6 @@
 """The answering stage: a Ray Data actor that asks an OpenAI-compatible endpoint for each row's answer.
 
-Calls follow the project's one retry policy (`serve.http_retry`); a call that still fails fills the row's
+Calls follow the project's one retry policy (`serve.backends.retry`); a call that still fails fills the row's
 `error`, so one bad row never fails the job.
 """
 
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pandas as pd
 
-from serve.http_retry import TRANSIENT_ERRORS, RetryPolicy
+from serve.backends.retry import TRANSIENT_ERRORS, RetryPolicy
 
 ANSWER_COLUMNS = ("answer", "answered_by", "error")
 RETRY = RetryPolicy(retries=3, backoff_s=0.5)

@@ -1,7 +1,7 @@
 """The cascade stage (`--policy cascade`): a Ray Data actor that plays cascade routing on each batch of prompts,
 asking an OpenAI-compatible endpoint for each answer the rule wants.
 
-It runs `serve.cascade.play_cascade`, the loop the evaluation plays on recorded answers, whose every step is the
+It runs `serve.core.cascade.play_cascade`, the loop the evaluation plays on recorded answers, whose every step is the
 one the Ranker deployment takes for a served request; answers are embedded with the router's encoder, as the
 Embedder deployment embeds them. A model whose call fails is not asked again for that prompt, and the row's
 `error` says what failed; a row no model answered has no answer.
@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from serve.answer_facts import answer_opening
 from serve.batch.answers import Answerer, answer
 from serve.batch.ranking import BatchRanker
-from serve.cascade import judged_answers, play_cascade
+from serve.core.answer_facts import answer_opening
+from serve.core.cascade import judged_answers, play_cascade
 
 # Nullable dtypes, so a batch with missing prompts writes the same schema as one without.
 CASCADE_DTYPES = {"answer": "string", "answered_by": "string", "cascade_models": "object", "cascade_posthoc_quality": "object",
@@ -67,7 +67,7 @@ class BatchCascade(BatchRanker):
         self.answerer = Answerer(endpoint, prompt_column, max_tokens, concurrency, timeout_s, api_key_env)
 
     def decide(self, texts: list[str]) -> dict[str, list]:
-        from serve.encoder import encode
+        from serve.core.encoder import encode
 
         artifact, models = self.artifact, np.asarray(self.artifact.models, dtype=object)
         embeddings, tokens = self.embed(texts)

@@ -15,10 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 import serve.batch
-from serve.artifact import ArtifactError, RouterArtifact
 from serve.batch.answers import ANSWER_COLUMNS, Answerer
 from serve.batch.cascade import CASCADE_COLUMNS, BatchCascade
-from serve.batch.inputs import (
+from serve.batch.output import RowRangeSink, prepare_output
+from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
+from serve.core.artifact import ArtifactError, RouterArtifact
+from serve.core.decision import POLICIES, PRESETS
+from serve.core.prompt_files import (
     BatchInputError,
     Chunk,
     JobInput,
@@ -26,13 +29,9 @@ from serve.batch.inputs import (
     chunks,
     read_chunk,
 )
-from serve.batch.output import RowRangeSink, prepare_output
-from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
-from serve.decision import PRESETS
-from serve.protocol import POLICIES
 
 # Reading and writing a chunk is light work: a fraction of a CPU each, so that parts are written while the
-# router actors still route (and a crash loses little) instead of waiting for a free core.
+# ranker actors still route (and a crash loses little) instead of waiting for a free core.
 IO_CPUS = 0.25
 
 
@@ -45,8 +44,8 @@ def _allowed(artifact: RouterArtifact, candidates: list[str] | None) -> np.ndarr
     return np.isin(artifact.models, candidates)
 
 
-def _router_actors(args: argparse.Namespace, cpus: float) -> tuple[int, float]:
-    """(router actors, CPUs for each). Without GPUs the default is one actor per CPU, sharing what the reads and writes
+def _ranker_actors(args: argparse.Namespace, cpus: float) -> tuple[int, float]:
+    """(ranker actors, CPUs for each). Without GPUs the default is one actor per CPU, sharing what the reads and writes
     leave, so each runs one torch thread: actors of one thread never wait on each other, where the threads of one
     process wait at every operation (a long wait on a busy machine). With GPUs: one actor of one CPU."""
     if args.num_gpus > 0:
@@ -95,8 +94,8 @@ def build_dataset(args: argparse.Namespace):
     if not ray.is_initialized():
         ray.init()
     cpus = ray.cluster_resources().get("CPU", 0)
-    actors, cpus_per_actor = _router_actors(args, cpus)
-    if actors * cpus_per_actor > cpus - 2 * IO_CPUS:  # router actors holding every CPU starve the reads and writes
+    actors, cpus_per_actor = _ranker_actors(args, cpus)
+    if actors * cpus_per_actor > cpus - 2 * IO_CPUS:  # ranker actors holding every CPU starve the reads and writes
         raise BatchInputError(f"--actors {actors} x --cpus-per-actor {cpus_per_actor:g} leaves less than {2 * IO_CPUS:g} of "
                               f"the cluster's {cpus:g} CPUs to read and write the data; lower them")
     cost_weight = PRESETS[args.preset] if args.cost_weight is None else args.cost_weight
@@ -144,11 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-cost", type=float, help="USD cap per prompt (the cheapest candidate stays when none fits)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per routing call (and per read)")
     parser.add_argument("--actors", type=int,
-                        help="router actors, each loading the encoder once (default: one per CPU of the cluster; 1 with --num-gpus)")
+                        help="ranker actors, each loading the encoder once (default: one per CPU of the cluster; 1 with --num-gpus)")
     parser.add_argument("--cpus-per-actor", type=float,
-                        help="CPUs per router actor, rounded up for its torch threads (default: the CPUs that reading and "
+                        help="CPUs per ranker actor, rounded up for its torch threads (default: the CPUs that reading and "
                              "writing leave, shared among the actors; 1 with --num-gpus)")
-    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per router actor (encoder on CUDA)")
+    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per ranker actor (encoder on CUDA)")
     parser.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="output format")
     parser.add_argument("--policy", choices=POLICIES, default="route",
                         help="route: one model per prompt; cascade (with --generate): models asked in turn, each answer judged, "

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from serve.batch.inputs import ROW_COLUMN, BatchInputError, filesystem
+from serve.core.prompt_files import ROW_COLUMN, BatchInputError, filesystem
 
 MANIFEST = "_job.json"
 _PART = re.compile(r"part-(\d{12})-(\d{12})\.(parquet|jsonl)")

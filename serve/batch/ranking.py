@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from serve.artifact import PoolRanking, RouterArtifact
+from serve.core.artifact import PoolRanking, RouterArtifact
 
 DECISION_COLUMNS = ("routed_model", "ranked_models", "predicted_quality", "estimated_cost_usd", "task", "task_probability")
 # Nullable dtypes, so a batch with missing prompts writes the same schema as one without.
@@ -46,7 +46,7 @@ class BatchRanker:
                  cost_cap: float | None, device: str, threads: int):
         import torch
 
-        from serve.encoder import load_encoder
+        from serve.core.encoder import load_encoder
 
         torch.set_num_threads(threads)
         self.artifact = RouterArtifact.load(artifact_dir)
@@ -61,7 +61,7 @@ class BatchRanker:
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The prompts' embeddings and token counts, as the Embedder deployment computes them."""
-        from serve.encoder import count_tokens, encode
+        from serve.core.encoder import count_tokens, encode
 
         return encode(self.encoder, texts), count_tokens(texts, self.artifact.embedder)
 

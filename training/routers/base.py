@@ -2,7 +2,7 @@
 implements (RouteLLM style), and how a router is scored and tuned on a validation slice.
 
 Every router only predicts each pool model's quality on each prompt; the shared decision rule
-(`serve.decision.rank_models`) turns that into choices, so routers differ only in what they know.
+(`serve.core.decision.rank_models`) turns that into choices, so routers differ only in what they know.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from functools import cached_property
 import faiss
 import numpy as np
 
-from serve.answer_facts import AnswerFacts
-from serve.artifact import RouterArtifact
-from serve.decision import CostModel
+from serve.core.answer_facts import AnswerFacts
+from serve.core.artifact import RouterArtifact
+from serve.core.decision import CostModel
 from training.datasets import RoutingTable
 from training.metrics import curve_aiq, trace_curve
 

@@ -1,8 +1,8 @@
 """Cascades as the evaluation runs them: several models may answer one prompt, and the prompt costs the sum.
 
-- `cascade`: cascade routing (`serve.decision.cascade_step`) on FineRouter's ex-ante estimates and the
-  post-hoc estimator's judgement of every answer obtained (`serve.posthoc`, fitted by `training.posthoc`), played
-  by `serve.cascade.play_cascade`, the loop the batch job runs.
+- `cascade`: cascade routing (`serve.core.decision.cascade_step`) on FineRouter's ex-ante estimates and the
+  post-hoc estimator's judgement of every answer obtained (`serve.core.posthoc`, fitted by `training.posthoc`), played
+  by `serve.core.cascade.play_cascade`, the loop the batch job runs.
 - `agreement_cascade`: a fixed chain of cheaper models all answer; if they agree the first one's answer
   stands, else the dearest model answers. Nothing is fitted, so the chain is chosen on the whole training
   fold, one per cost weight.
@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from serve.answer_facts import AnswerFacts, agreement
-from serve.artifact import RouterArtifact
-from serve.cascade import play_cascade
-from serve.decision import CASCADE_DEPTH
-from serve.posthoc import PostHocEstimator
+from serve.core.answer_facts import AnswerFacts, agreement
+from serve.core.artifact import RouterArtifact
+from serve.core.cascade import play_cascade
+from serve.core.decision import CASCADE_DEPTH
+from serve.core.posthoc import PostHocEstimator
 from training.fit import FitConfig, fit_router
 from training.metrics import COST_WEIGHTS, curve_aiq
 from training.posthoc import fit_posthoc
@@ -39,7 +39,7 @@ Curve = tuple[np.ndarray, np.ndarray]
 TEXT_AGREEMENT_THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 SCORER_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # The post-hoc features kept: the answer's embedding, length and format checks
-# (`serve.posthoc.FEATURE_GROUPS`) did not earn their place on held-out validation
+# (`serve.core.posthoc.FEATURE_GROUPS`) did not earn their place on held-out validation
 # (benchmarks/posthoc_features.py, README).
 DEFAULT_GROUPS = ("agreement", "text_agreement", "ex_ante")
 RESOLUTION_SCALES = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
@@ -57,7 +57,7 @@ class CascadeOutcome:
 
 
 class RecordedAnswers:
-    """The evaluation's answer source for `serve.cascade.play_cascade`: every answer is recorded, so every call
+    """The evaluation's answer source for `serve.core.cascade.play_cascade`: every answer is recorded, so every call
     succeeds and costs what the data says."""
 
     def __init__(self, facts: AnswerFacts, costs: np.ndarray):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
-from serve.artifact import RouterArtifact
+from serve.core.artifact import RouterArtifact
 from training.fit import FitConfig, fit_router
 from training.routers.base import ArtifactRouter, Router, TrainingSet
 

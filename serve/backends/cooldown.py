@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ray.serve.metrics import Gauge
 
-from serve.config import CooldownConfig
+from serve.backends.backend_config import CooldownConfig
 
 AVAILABLE, COOLING_DOWN, PROBING = "available", "cooling_down", "probing"
 

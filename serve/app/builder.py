@@ -1,9 +1,9 @@
 """The Serve application: `build_app(args)` wires ingress -> Embedder -> Ranker -> backend pool.
 
-    serve run serve.config                 # the YAML names serve.app:build_app and holds its args
+    serve run serve.config                 # the YAML names serve.app.builder:build_app and holds its args
     serve.run(build_app({...}))            # the same from Python
 
-`args` is a `serve.config.RouterAppConfig` or its dict. The artifact is loaded here once to check it and to
+`args` is a `serve.app.app_config.RouterAppConfig` or its dict. The artifact is loaded here once to check it and to
 read the pool before anything deploys; a missing or broken one stops the build with a message saying what
 to do.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from serve.access import SpendLedger
-from serve.artifact import ArtifactError, RouterArtifact
-from serve.config import RouterAppConfig
-from serve.deployments import Embedder, Ranker
-from serve.engines import build_backends
-from serve.ingress import RouterIngress
+from serve.app.access import SpendLedger
+from serve.app.app_config import RouterAppConfig
+from serve.app.deployments import Embedder, Ranker
+from serve.app.ingress import RouterIngress
+from serve.backends.build import build_backends
+from serve.core.artifact import ArtifactError, RouterArtifact
 
 
 def load_artifact(config: RouterAppConfig) -> RouterArtifact:
@@ -40,7 +40,7 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
         raise ValueError(f"default_policy cascade: the artifact {artifact.path} has no post-hoc estimator to judge answers with "
                          "(its training data recorded no answers); fit one on a dataset with answers (`python -m training fit "
                          "--dataset routerbench_partial --out ...`), or set default_policy: route")
-    engines, specs = build_backends(config, artifact.models)
+    engines, specs = build_backends(artifact.models, config.backends, config.local)
     ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
     return RouterIngress.bind(
         Embedder.bind(artifact.embedder, config.embedder),

@@ -15,12 +15,12 @@ import numpy as np
 from ray import serve
 from ray.serve.metrics import Histogram
 
-from serve.artifact import RouterArtifact
-from serve.cascade import judged_answers, next_step
-from serve.config import EmbedderConfig
-from serve.encoder import count_tokens, encode, load_encoder
-from serve.features import WINDOW_CHARS
-from serve.protocol import RankedModel, RoutingDecision
+from serve.app.app_config import EmbedderConfig
+from serve.app.protocol import RankedModel, RoutingDecision
+from serve.core.artifact import RouterArtifact
+from serve.core.cascade import judged_answers, next_step
+from serve.core.encoder import count_tokens, encode, load_encoder
+from serve.core.features import WINDOW_CHARS
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, max_queued_requests=32)
@@ -61,7 +61,7 @@ class CascadeVerdict:
 class Ranker:
     """Loads the artifact once and ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
     leaving out the models whose context window cannot hold the prompt and the answer; for cascades, judges the
-    answers obtained and takes the next step with `serve.cascade.next_step`, the evaluation's and the batch job's."""
+    answers obtained and takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's."""
 
     def __init__(self, artifact_path: str, context_windows: dict[str, int | None]):
         self.artifact = RouterArtifact.load(artifact_path)

@@ -16,15 +16,15 @@ from typing import Any
 
 import httpx
 
-from serve.failures import DROPPED, TIMED_OUT, UNREACHABLE, UNREADABLE
-from serve.http_retry import TRANSIENT_ERRORS, RetryPolicy, is_request_fault
+from serve.backends.failures import DROPPED, TIMED_OUT, UNREACHABLE, UNREADABLE
+from serve.backends.retry import TRANSIENT_ERRORS, RetryPolicy, is_request_fault
 
 logger = logging.getLogger("ray.serve")
 LOGGED_BODY_CHARS = 500
 
 
 class OpenAIEndpoint:
-    """Retries what `serve.http_retry` calls transient, but only before any output has been passed on; what
+    """Retries what `serve.backends.retry` calls transient, but only before any output has been passed on; what
     still fails is yielded as an error body whose message names the failure without the upstream's text or URL
     (those go to this replica's log with the request id)."""
 

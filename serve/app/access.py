@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray import serve
 
-from serve.config import AccessConfig
+from serve.app.app_config import AccessConfig
 
 
 def key_id(key: str) -> str:

@@ -2,7 +2,7 @@
 of a cascade.
 
 The evaluation harness, the batch job and the Ranker deployment all call `rank_models`, so what is evaluated
-is what is served; all three take every cascade step with `cascade_step` (through `serve.cascade.next_step`).
+is what is served; all three take every cascade step with `cascade_step` (through `serve.core.cascade.next_step`).
 NumPy only: no Ray, no torch.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 
 # Named cost weights. The weight is dimensionless: the quality (on a 0-1 scale) one would give up to save the
 # cost of one call of the pool's most expensive model (the artifact's `cost_scale`).
+POLICIES = ("route", "cascade")  # how a request is answered: one routed model, or a cascade
 PRESETS = {"quality": 0.0, "balanced": 0.05, "cheap": 0.5}
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.answer_facts import AnswerFacts
+from serve.core.answer_facts import AnswerFacts
 
 # The feature groups; `benchmarks/posthoc_features.py` measures what each adds on held-out validation.
 FEATURE_GROUPS = ("embedding", "length", "format", "agreement", "text_agreement", "ex_ante")

@@ -1,7 +1,7 @@
 """The serving logic behind the HTTP routes: check the request, decide, then answer with the best model that works.
 
 Kept apart from FastAPI (as vLLM keeps `serving_chat` apart from its `api_server`), so the routes in
-`serve.ingress` stay a thin translation between HTTP and these calls.
+`serve.app.ingress` stay a thin translation between HTTP and these calls.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
-from serve.answer_facts import answer_opening
-from serve.config import RouterAppConfig
-from serve.cooldown import Cooldowns
-from serve.failures import BackendFailure
-from serve.pool import PoolBackend
-from serve.protocol import (
+from serve.app.app_config import RouterAppConfig
+from serve.app.protocol import (
     ROUTER_MODEL,
     APIError,
     CascadeRun,
@@ -36,6 +32,10 @@ from serve.protocol import (
     RoutingInfo,
     routing_text,
 )
+from serve.backends.cooldown import Cooldowns
+from serve.backends.failures import BackendFailure
+from serve.backends.pool import PoolBackend
+from serve.core.answer_facts import answer_opening
 
 logger = logging.getLogger("ray.serve")
 LOGGED_PROMPT_CHARS = 500

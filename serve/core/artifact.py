@@ -9,7 +9,7 @@
 
 Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
 deployment load this one type and call `route`, which ends in the shared decision rule (or, for cascades,
-`serve.cascade.next_step` with `posthoc`).
+`serve.core.cascade.next_step` with `posthoc`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.decision import CostModel, rank_models
-from serve.features import FEATURE_NAMES, prompt_features
-from serve.posthoc import ESTIMATOR_ARRAYS, PostHocEstimator
+from serve.core.decision import CostModel, rank_models
+from serve.core.features import FEATURE_NAMES, prompt_features
+from serve.core.posthoc import ESTIMATOR_ARRAYS, PostHocEstimator
 
-# 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.features).
+# 3: no calibration arrays, one blend weight; prompt features in linear time on a bounded window (serve.core.features).
 # 4: an optional post-hoc estimator. A format-3 artifact reads as one without it; a build that reads only 3
 # refuses a 4, which may hold an estimator it would ignore.
 FORMAT_VERSION = 4
@@ -50,7 +50,7 @@ WEIGHT_ARRAYS = (
     "candidates",  # [T, M] 1 where the model is one of the task's candidates
     "task_quality",  # [T, M] each model's mean quality on each task, shrunk toward the global mean
     "blend",  # [] weight of the MoE against the task table
-    "cost_per_token",  # [M] the cost model (serve.decision.CostModel)
+    "cost_per_token",  # [M] the cost model (serve.core.decision.CostModel)
     "cost_fixed",  # [M]
 )
 

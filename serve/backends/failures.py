@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from serve.http_retry import is_request_fault
-from serve.protocol import APIError
+from serve.backends.retry import is_request_fault
+from serve.errors import APIError
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 MESSAGE_CHARS = 300  # of an upstream's refusal, passed to the client

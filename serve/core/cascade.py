@@ -1,4 +1,4 @@
-"""Cascade routing on answers: the one step (judge the answers obtained, then `serve.decision.cascade_step`), and
+"""Cascade routing on answers: the one step (judge the answers obtained, then `serve.core.decision.cascade_step`), and
 the loop that plays it for many prompts at once.
 
 The Ranker deployment takes one request's step at a time (the ingress obtains each answer in between); the batch
@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.answer_facts import AnswerFacts, agreement
-from serve.decision import CASCADE_DEPTH, CascadeStep, cascade_step
-from serve.posthoc import PostHocEstimator
+from serve.core.answer_facts import AnswerFacts, agreement
+from serve.core.decision import CASCADE_DEPTH, CascadeStep, cascade_step
+from serve.core.posthoc import PostHocEstimator
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def next_step(estimator: PostHocEstimator, ex_ante: np.ndarray, cost: np.ndarray
     """Judge every answer obtained (`ran` [N, M]) against the others obtained, then stop or pick the next model.
 
     ex_ante: [N, M] the router's quality estimates from the prompt. cost: [N, M] USD, spent for the models run,
-    estimated for the others. facts, agree: the answers' facts and pairwise agreement (`serve.answer_facts`),
+    estimated for the others. facts, agree: the answers' facts and pairwise agreement (`serve.core.answer_facts`),
     read only where `ran`. allowed: [N, M] the models that may still run (the request's candidates, less any
     whose backend failed); a prompt with none left stops with the best answer it has (-1 if none).
     """
@@ -56,7 +56,7 @@ def next_step(estimator: PostHocEstimator, ex_ante: np.ndarray, cost: np.ndarray
 
 def judged_answers(responses: np.ndarray, embeddings: np.ndarray) -> tuple[AnswerFacts, np.ndarray]:
     """The facts and pairwise agreement of answers obtained so far: `responses` [N, M] text ("" where none yet),
-    `embeddings` [N, M, D] of their openings (`serve.answer_facts.answer_opening`; zeros where none)."""
+    `embeddings` [N, M, D] of their openings (`serve.core.answer_facts.answer_opening`; zeros where none)."""
     facts = AnswerFacts.of(responses, embeddings)
     return facts, agreement(facts)
 
