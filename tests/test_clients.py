@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -261,15 +262,16 @@ def test_the_litellm_sdk_snippet(base_url):
 
 
 @pytest.fixture
-def litellm_proxy(base_url, tmp_path):
+def litellm_proxy(base_url, tmp_path, monkeypatch):
     """LiteLLM's proxy with the router as its one deployment (the docs' config), on a free port."""
+    monkeypatch.setenv("LITELLM_MASTER_KEY", f"sk-{uuid.uuid4().hex}")
     config = re.search(r"```yaml\n(# litellm-config.yaml.*?)```", DOCS.read_text(), re.S).group(1)
     (tmp_path / "litellm-config.yaml").write_text(config.replace("http://127.0.0.1:8000", base_url))
     port = free_port()
     command = [os.path.join(os.path.dirname(sys.executable), "litellm"), "--config", str(tmp_path / "litellm-config.yaml"),
                "--host", "127.0.0.1", "--port", str(port)]
     with open(tmp_path / "proxy.log", "w") as log:
-        proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+        proxy = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not _answers(f"http://127.0.0.1:{port}/health/liveliness"):
