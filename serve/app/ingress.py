@@ -44,6 +44,7 @@ from serve.backends.pool import PoolBackend
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = "x-request-id"
 OPEN_PATHS = frozenset({"/health", "/health/ready"})
+SERVED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/route", "/v1/models", "/v1/backends", "/health", "/health/ready")
 
 
 def _error(error: APIError) -> JSONResponse:
@@ -126,8 +127,12 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors: a path no route serves (404), a method a route does not take (405), a body over the limit."""
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
-    return _error(APIError(error.status_code, str(error.detail), code=code))
+    message = str(error.detail)
+    if error.status_code == 404:
+        message = f"no route {request.url.path!r}: this router serves {', '.join(SERVED_PATHS)}"
+    return _error(APIError(error.status_code, message, code=code))
 
 
 @app.exception_handler(Exception)
@@ -211,13 +216,3 @@ def _response(result: ChatResult):
         return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
     return JSONResponse(result.body, headers=result.headers)
 
-
-async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    """What a path that no route serves gets (the router's fallback: Starlette's own is a plain-text 404)."""
-    message = f"no route {scope.get('path', '')!r}: this router serves {', '.join(sorted(SERVED_PATHS))}"
-    await _error(APIError(404, message, code="not_found"))(scope, receive, send)
-
-
-SERVED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/route", "/v1/backends", "/health",
-                          "/health/ready"})
-app.router.default = _not_found
