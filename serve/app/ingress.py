@@ -202,8 +202,10 @@ class RouterIngress:
         for chat models), in the text completion shape."""
         result = await self.chat.chat(body.as_chat(), _caller(request))
         if result.stream is not None:
-            return StreamingResponse(text_completion_events(result.stream), media_type="text/event-stream", headers=result.headers)
-        return JSONResponse(text_completion(result.body), headers=result.headers)
+            result.stream = text_completion_events(result.stream)
+        else:
+            result.body = text_completion(result.body)
+        return _response(result)
 
     @app.post("/v1/embeddings")
     async def embeddings(self) -> None:
