@@ -304,3 +304,18 @@ def test_the_langchain_snippet(base_url):
     assert isinstance(snippet["by_schema"], city) and isinstance(snippet["by_function"], city)
     assert snippet["streamed"].strip() and len(snippet["answers"]) == 2
     assert snippet["tool_call"]["name"] == "get_weather" and isinstance(snippet["tool_call"]["args"]["city"], str)
+
+
+def test_the_batch_job_routes_only_among_the_models_that_can_serve_its_needs(pool, tmp_path, capsys):
+    from serve.batch.cli import _allowed, main
+    from serve.core.artifact import RouterArtifact
+
+    artifact, with_tools, toolless = pool
+    config = {"local": TOOL_CALLING_ENGINE, "backends": {model: {"kind": "local", "capabilities": {"tools": False}} for model in toolless}}
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(config))
+    allowed = _allowed(RouterArtifact.load(artifact), None, ["tools"], str(tmp_path / "pool.yaml"))
+    assert [model for model, ok in zip(RouterArtifact.load(artifact).models, allowed) if ok] == with_tools
+    arguments = ["--artifact", str(artifact), "--input", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "out"),
+                 "--needs", "tools", "--pool-config", str(REPO / "serve.config")]
+    assert main(arguments) == 2  # the shipped pool declares no tool calls: refused before any work
+    assert "--needs tools: no candidate can serve it" in capsys.readouterr().err
