@@ -142,6 +142,14 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
                            type="server_error"))
 
 
+def _response(result: ChatResult):
+    """A chat result as the HTTP response. (Defined above the ingress class: `serve.ingress` pickles the routes with the
+    module's names as they are when the class is defined.)"""
+    if result.stream is not None:
+        return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
+    return JSONResponse(result.body, headers=result.headers)
+
+
 def _caller(request: Request) -> Caller:
     return Caller(request_id=_request_id(request) or uuid.uuid4().hex, key=getattr(request.state, "api_key", None))
 
@@ -211,10 +219,3 @@ class RouterIngress:
     async def embeddings(self) -> None:
         raise APIError(404, "this router serves chat completions (/v1/chat/completions) and the legacy completions; it "
                             "serves no embeddings", code="not_found")
-
-
-def _response(result: ChatResult):
-    if result.stream is not None:
-        return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
-    return JSONResponse(result.body, headers=result.headers)
-
