@@ -16,8 +16,9 @@ from ray import serve
 from ray.serve.metrics import Histogram
 
 from serve.app.app_config import EmbedderConfig
-from serve.app.protocol import RankedModel, RoutingDecision
+from serve.app.protocol import NOT_A_CANDIDATE, RankedModel, RoutingDecision
 from serve.core.artifact import RouterArtifact
+from serve.core.capabilities import Capabilities, Needs, Shortfall, shortfalls
 from serve.core.cascade import judged_answers, next_step
 from serve.core.encoder import count_tokens, encode, load_encoder
 from serve.core.features import WINDOW_CHARS
@@ -60,14 +61,15 @@ class CascadeVerdict:
 @serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512)
 class Ranker:
     """Loads the artifact once and ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
-    leaving out the models whose context window cannot hold the prompt and the answer; for cascades, judges the
-    answers obtained and takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's."""
+    leaving out the models that cannot serve the request (`serve.core.capabilities.shortfall`: a feature the request
+    needs, a context window too small for the prompt and the answer); for cascades, judges the answers obtained and
+    takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's."""
 
-    def __init__(self, artifact_path: str, context_windows: dict[str, int | None]):
+    def __init__(self, artifact_path: str, capabilities: dict[str, Capabilities]):
         self.artifact = RouterArtifact.load(artifact_path)
         self.estimator = self.artifact.posthoc
         self.models = self.artifact.models
-        self.context_windows = np.array([context_windows.get(model) or np.inf for model in self.models], float)
+        self.capabilities = [capabilities.get(model, Capabilities()) for model in self.models]
         self.decision_latency = Histogram(
             "finerouter_decision_latency_ms",
             description="Time of one routing decision inside the Ranker (features, MoE, ranking).",
@@ -76,16 +78,16 @@ class Ranker:
 
     async def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
                      candidates: list[str] | None = None, max_cost: float | None = None,
-                     output_tokens: int = 0) -> RoutingDecision:
-        return await asyncio.to_thread(self._decide, embedded, text, cost_weight, candidates, max_cost, output_tokens)
+                     needs: Needs = Needs()) -> RoutingDecision:
+        return await asyncio.to_thread(self._decide, embedded, text, cost_weight, candidates, max_cost, needs)
 
     def _decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float, candidates: list[str] | None,
-                max_cost: float | None, output_tokens: int) -> RoutingDecision:
+                max_cost: float | None, needs: Needs) -> RoutingDecision:
         started = time.perf_counter()
         embedding, prompt_tokens = embedded
-        candidate, fits = self._admissible(candidates, prompt_tokens, output_tokens)
-        allowed = candidate & fits
-        # When no candidate fits, rank the candidates anyway, so the answer still says what each one lacks.
+        candidate, lacking = self._admissible(candidates, needs.with_prompt_tokens(prompt_tokens))
+        allowed = candidate & _capable(lacking)
+        # When no candidate can serve the request, rank the candidates anyway, so the answer still says what each lacks.
         decision = self.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
                                        allowed=allowed if allowed.any() else candidate, cost_cap=max_cost)
         ranking = []
@@ -94,26 +96,26 @@ class Ranker:
             ranking.append(RankedModel(
                 model=self.models[index], predicted_quality=float(decision.quality[0, index]),
                 estimated_cost=float(decision.cost[0, index]), eligible=eligible,
-                ineligible_because=None if eligible else self._why_not(index, candidate, fits, prompt_tokens, output_tokens)))
+                ineligible_because=None if eligible else _why_not(candidate[index], lacking[index])))
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.decision_latency.observe(elapsed_ms)
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms)
 
-    def _admissible(self, candidates: list[str] | None, prompt_tokens: int, output_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """[M] bool each: among the request's candidates; holding the prompt and the answer."""
+    def _admissible(self, candidates: list[str] | None, needs: Needs) -> tuple[np.ndarray, list[Shortfall | None]]:
+        """[M] bool: among the request's candidates; and what keeps each model from serving it (None: nothing)."""
         candidate = np.ones(len(self.models), bool) if candidates is None else np.isin(self.models, candidates)
-        return candidate, self.context_windows >= prompt_tokens + output_tokens
+        return candidate, shortfalls(self.capabilities, needs)
 
-    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                     answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         """The next step of a request's cascade: `decision` is its routing decision (the ex-ante estimates and
         costs), `answers` model -> (answer text, embedding of its opening) the answers obtained so far, and
         `unavailable` the models whose backends failed."""
-        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, output_tokens, answers, unavailable)
+        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, needs, answers, unavailable)
 
-    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         by_model = {entry.model: entry for entry in decision.ranking}
         ex_ante = np.array([[by_model[model].predicted_quality for model in self.models]])
@@ -124,8 +126,8 @@ class Ranker:
             if model in answers:
                 embeddings[0, index] = answers[model][1]
         ran = np.isin(self.models, list(answers))[None]
-        candidate, fits = self._admissible(candidates, decision.prompt_tokens, output_tokens)
-        allowed = candidate & fits & ~np.isin(self.models, unavailable)
+        candidate, lacking = self._admissible(candidates, needs.with_prompt_tokens(decision.prompt_tokens))
+        allowed = candidate & _capable(lacking) & ~np.isin(self.models, unavailable)
         judgement = next_step(self.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
                               self.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)
         step = judgement.step
@@ -134,10 +136,12 @@ class Ranker:
             answer=self.models[step.answer[0]] if step.answer[0] >= 0 else None,
             posthoc_quality={model: float(judgement.quality[0, index]) for index, model in enumerate(self.models) if model in answers})
 
-    def _why_not(self, index: int, candidate: np.ndarray, fits: np.ndarray, prompt_tokens: int, output_tokens: int) -> str:
-        if not candidate[index]:
-            return "not among the candidates"
-        if not fits[index]:
-            return (f"context window of {self.context_windows[index]:.0f} tokens < {prompt_tokens} prompt"
-                    f" + {output_tokens} answer tokens")
-        return "over max_cost"
+
+def _capable(lacking: list[Shortfall | None]) -> np.ndarray:
+    return np.array([reason is None for reason in lacking], bool)
+
+
+def _why_not(candidate: bool, lacking: Shortfall | None) -> str:
+    if not candidate:
+        return NOT_A_CANDIDATE
+    return lacking.reason if lacking is not None else "over max_cost"

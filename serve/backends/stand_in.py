@@ -78,5 +78,10 @@ def prepare_stand_in(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def stand_in_source(model_source: str | None) -> Path:
+    """The stand-in engine's model: the configured source (`local.model_source`), else the converted folder."""
+    return Path(model_source).expanduser() if model_source else prepare_stand_in()
+
+
 if __name__ == "__main__":
     print(prepare_stand_in())
