@@ -86,7 +86,7 @@ def _discover(corpus: Corpus, edges: str, mix: float, resolution: float, min_siz
     return task_table(labels, scores, shrinkage)
 
 
-def discover_tasks(corpus: Corpus, edges: str, k: int, *, mix: float, resolution: float, min_size: int,
+def corpus_tasks(corpus: Corpus, edges: str, k: int, *, mix: float, resolution: float, min_size: int,
                    shrinkage: float, seed: int, labels_path: str) -> np.ndarray:
     """Leiden's tasks of the streamed corpus, in one task on the largest node (step 4 of `training.streaming`)."""
     import ray

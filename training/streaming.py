@@ -10,7 +10,7 @@ only per-shard counts and two bounded samples:
    them on its fit rows.
 3. `training.streamed_tasks.knn_edges`: the kNN graph of every training row, by the in-memory fit's
    `training.neighbours.knn`, in one task on the largest node; its edges are written per shard.
-4. `training.streamed_tasks.discover_tasks`: Leiden on one node (igraph's C implementation on large graphs),
+4. `training.streamed_tasks.corpus_tasks`: Leiden on one node (igraph's C implementation on large graphs),
    tiny tasks merged by centroids summed shard by shard; it writes every row's task label.
 5. Stage 2 on Ray Train, reading the shards with their labels as a Ray Dataset.
 6. The blend is chosen on the validation rows and the artifact assembled as `fit_router` assembles it.
@@ -39,7 +39,7 @@ from training.fit import (
 )
 from training.moe import array_dataset, train_with_ray
 from training.routers.base import TrainingSet
-from training.streamed_tasks import discover_tasks, knn_edges
+from training.streamed_tasks import corpus_tasks, knn_edges
 
 
 def _gather(corpus: Corpus, parts: tuple[str, ...], columns: list[str]) -> list[dict[str, np.ndarray]]:
@@ -116,7 +116,7 @@ def fit_corpus(corpus: Corpus, config: FitConfig = FitConfig(), *, workspace: st
     edges = knn_edges(corpus, stage1["k"], method=knn_method, seed=config.seed, seconds=knn_seconds)
     log(f"kNN graph of {corpus.rows} rows in {lap('knn'):.1f}s (its build {knn_seconds.get('knn_build', 0):.1f}s)")
     labels_path = f"{edges}/tasks-mix{stage1['mix']}-resolution{stage1['resolution']}-min{config.min_task_size}.parquet"
-    table = discover_tasks(corpus, edges, stage1["k"], mix=stage1["mix"], resolution=stage1["resolution"],
+    table = corpus_tasks(corpus, edges, stage1["k"], mix=stage1["mix"], resolution=stage1["resolution"],
                            min_size=config.min_task_size, shrinkage=config.shrinkage, seed=config.seed, labels_path=labels_path)
     log(f"stage 1: {len(table)} tasks in {lap('tasks'):.1f}s")
 
