@@ -5,7 +5,7 @@ Methods (`knn`'s `method`; "auto" picks one by size in `resolve_method`, the one
 - "ivf": an IVF self-join. k-means splits the rows into about IVF_LISTS_PER_SQRT_ROW * sqrt(N) lists; each row
   is compared, exactly, with the members of its IVF_PROBES nearest lists (one faiss.knn per list, all of that
   list's probing rows against its members) and the candidates are merged into its top k. No index is kept and
-  there is no separate query pass, so the work grows about as N^1.5 / sqrt(lists) rather than N^2.
+  there is no separate query pass; with lists of about sqrt(N) rows the work grows as IVF_PROBES * N^1.5.
 - "nndescent": faiss's NN-Descent graph (`IndexNNDescentFlat`), read straight from the index.
 - "hnsw": an HNSW index, then every row queried against it (the method before the self-join; for comparison).
 - "torch": exact, by blocked matrix products in torch (`training.exact_knn`), for a GPU without GPU faiss.
@@ -24,11 +24,13 @@ from training.exact_knn import torch_knn
 METHODS = ("auto", "exact", "ivf", "nndescent", "hnsw", "torch")
 EXACT_BELOW_ROWS = 100_000
 
-# IVF self-join: lists ~ 4 sqrt(N), k-means on a sample of 40 rows per list, each row joined with its 8 nearest lists.
+# IVF self-join: sqrt(N) lists, k-means on a sample of 40 rows per list, each row joined with its 24 nearest lists
+# (chosen on synthetic data: benchmarks/bench_graph.py, docs/graph.md).
 IVF_LISTS_PER_SQRT_ROW = 1
 IVF_TRAINING_ROWS_PER_LIST = 40
 IVF_KMEANS_ITERATIONS = 10
-IVF_PROBES = 16
+IVF_PROBES = 24
+MERGE_ROWS = 100_000  # rows whose candidates are merged per step
 
 # NN-Descent: the graph keeps NNDESCENT_DEGREE_FACTOR * k neighbours per row while it refines, then the best k.
 NNDESCENT_DEGREE_FACTOR = 2
@@ -126,7 +128,7 @@ def ivf_self_join(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray
     probing_starts = np.searchsorted(nearest_lists.ravel(), np.arange(lists + 1), sorter=probing)
     del nearest_lists
     hits = k + 1  # the row itself is among its own list's hits
-    candidate_ids = np.full((rows, probes, hits), -1, dtype=np.int64)
+    candidate_ids = np.full((rows, probes, hits), -1, dtype=np.int32)
     candidate_similarities = np.full((rows, probes, hits), -np.inf, dtype=np.float32)
 
     def join(current: int) -> None:
@@ -145,8 +147,14 @@ def ivf_self_join(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray
         list(pool.map(join, range(lists)))
     candidate_ids = candidate_ids.reshape(rows, probes * hits)
     candidate_similarities = candidate_similarities.reshape(rows, probes * hits)
-    candidate_similarities[candidate_ids == np.arange(rows)[:, None]] = -np.inf
-    return _best_k(candidate_ids, candidate_similarities, k)
+    neighbours = np.empty((rows, k), dtype=np.int64)
+    similarities = np.empty((rows, k), dtype=np.float32)
+    for start in range(0, rows, MERGE_ROWS):  # in blocks: the selection's temporaries are as large as its input
+        block = slice(start, min(start + MERGE_ROWS, rows))
+        ids, sims = candidate_ids[block], candidate_similarities[block]
+        sims[ids == np.arange(block.start, block.stop)[:, None]] = -np.inf  # the row itself
+        neighbours[block], similarities[block] = _best_k(ids, sims, k)
+    return neighbours, similarities
 
 
 def _best_k(candidate_ids: np.ndarray, candidate_similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +166,7 @@ def _best_k(candidate_ids: np.ndarray, candidate_similarities: np.ndarray, k: in
     similarities = np.take_along_axis(similarities, order, axis=1)
     missing = ~np.isfinite(similarities)
     neighbours[missing], similarities[missing] = -1, 0.0
-    return neighbours, similarities.astype(np.float32)
+    return neighbours.astype(np.int64), similarities.astype(np.float32)
 
 
 def nndescent_knn(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +215,7 @@ def knn(embeddings: np.ndarray, k: int, *, method: str = "auto", use_ray: bool =
 
 def knn_memory(rows: int, dim: int, k: int) -> int:
     """Bytes a graph build of `rows` rows needs at most: the rows, a copy, and the self-join's candidates."""
-    return rows * (2 * dim * 4 + IVF_PROBES * (k + 1) * 12 + k * 12)
+    return rows * (2 * dim * 4 + IVF_PROBES * (k + 1) * 8 + k * 12)
 
 
 def _knn_in_task(embeddings: np.ndarray, k: int, method: str, block_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
