@@ -73,7 +73,7 @@ def _fit_streaming(args) -> None:
     if args.trainer != "ray":
         raise ValueError("--input trains with Ray Train: leave out --trainer local")
     artifact = fit_streaming(args.input, _fit_config(args), workspace=args.workspace, embed_actors=args.embed_actors,
-                             embed_gpus=args.embed_gpus, knn_index=args.knn_index)
+                             embed_gpus=args.embed_gpus, knn_method=args.knn_method)
     artifact.save(args.out)
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {artifact.manifest['training_rows']} training rows")
 
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--workspace", help="--input: where the embedded shards and kNN edges go (default: the cache "
                                          "folder; on a cluster, storage every node reads)")
     fit.add_argument("--knn-on-ray", action="store_true", default=None,
-                     help="--dataset: query the kNN graph on a Ray Data actor pool whatever the size (default: from 100,000 rows)")
-    fit.add_argument("--knn-index", default="auto", help="--input: the faiss index (auto, exact, ivf, hnsw)")
+                     help="--dataset: build the kNN graph in a Ray task on the largest node whatever the size (default: from 100,000 rows)")
+    fit.add_argument("--knn-method", "--knn-index", default="auto",
+                     help="--input: how the kNN graph is built (auto, exact, ivf, nndescent, hnsw, torch: training/neighbours.py)")
     fit.add_argument("--out", type=Path, required=True, help="the artifact directory (written atomically)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
