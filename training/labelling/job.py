@@ -106,8 +106,8 @@ class Judge:
         self.threads = ThreadPoolExecutor(judge.concurrency if judge else 4)
 
     def _verdict(self, prompt, reference, answer) -> Verdict:
-        if isinstance(reference, str) and reference.strip():
-            return judge_with_reference(answer, reference, self.config.reference_judge)
+        if reference is not None and not pd.isna(reference) and str(reference).strip():  # JSON may hold a number
+            return judge_with_reference(answer, str(reference), self.config.reference_judge)
         if self.client is None:
             return Verdict(None, "none", "no reference and no llm_judge configured")
         return ask_llm_judge(self.client, self.config.llm_judge, prompt, answer)
@@ -116,9 +116,12 @@ class Judge:
         responses, costs, scores, judges, failures = {}, {}, {}, {}, {}
         for column, model in enumerate(self.models):
             answer, failure = row[f"answer_{column}"], row[f"failure_{column}"]
-            verdict = Verdict(None, "none", failure) if failure else self._verdict(row["prompt"], row.get(self.reference_column), answer)
+            if isinstance(failure, str):
+                verdict = Verdict(None, "none", failure)
+            else:
+                verdict = self._verdict(row["prompt"], row.get(self.reference_column), answer)
             responses[model], scores[model], judges[model], failures[model] = answer, verdict.score, verdict.judge, verdict.failure
-            costs[model] = None if failure else float(row[f"cost_{column}"])
+            costs[model] = None if isinstance(failure, str) else float(row[f"cost_{column}"])
         return {"responses": responses, "costs": costs, "scores": scores, "judges": judges, "failures": failures}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

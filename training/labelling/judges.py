@@ -41,7 +41,7 @@ class Verdict:
 
 _REFERENCE_LETTER = re.compile(r"^\s*\(?([A-Ea-e])\)?\s*$")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
-_FINAL_CUE = re.compile(r"(?:####|\\boxed\{|answer\s*(?:is|:)|=)\s*", re.IGNORECASE)
+_FINAL_CUE = re.compile(r"(?:####|\\boxed\{|answer\s*(?:is|:))\s*", re.IGNORECASE)
 
 
 def _to_number(text: str) -> float | None:
@@ -53,7 +53,7 @@ def _to_number(text: str) -> float | None:
 
 def final_number(text: str) -> float | None:
     """The number an answer ends on: the first number after its last answer cue ("####", "\\boxed{", "answer is",
-    "="), else its last number; None where it has none."""
+    "answer:"), else its last number; None where it has none."""
     cues = list(_FINAL_CUE.finditer(text))
     if cues:
         after = _NUMBER.search(text, cues[-1].end())
@@ -66,14 +66,14 @@ def final_number(text: str) -> float | None:
 def judge_choice(answer: str, reference: str) -> Verdict:
     expected = _REFERENCE_LETTER.match(reference)
     if not expected:
-        return Verdict(None, "choice", f"reference {reference!r} is not an option letter A-E")
+        return Verdict(None, "choice", f"bad reference: {reference!r} is not an option letter A-E")
     return Verdict(float(choice_letter(answer) == expected[1].upper()), "choice")
 
 
 def judge_number(answer: str, reference: str, relative_tolerance: float = 1e-6) -> Verdict:
     expected = final_number(reference)
     if expected is None:
-        return Verdict(None, "number", f"reference {reference!r} holds no number")
+        return Verdict(None, "number", f"bad reference: {reference!r} holds no number")
     given = final_number(answer)
     return Verdict(float(given is not None and math.isclose(given, expected, rel_tol=relative_tolerance, abs_tol=1e-9)), "number")
 
@@ -166,7 +166,7 @@ def run_tests(code: str, tests: list[str], time_limit_s: float = CODE_TIME_LIMIT
 def judge_code(answer: str, reference: str, time_limit_s: float = CODE_TIME_LIMIT_S) -> Verdict:
     tests = tests_of(reference)
     if not tests:
-        return Verdict(None, "code", "reference holds no `assert` tests")
+        return Verdict(None, "code", "bad reference: it holds no `assert` tests")
     code = code_of(answer) or answer
     passed, _ = run_tests(code, tests, time_limit_s)
     return Verdict(float(passed), "code")
@@ -208,8 +208,8 @@ def parse_grade(reply: str, pattern: str = DEFAULT_GRADE_PATTERN, scale: float =
     matches or the grade lies outside [0, scale]."""
     matches = re.findall(pattern, reply)
     if not matches:
-        return Verdict(None, "llm", f"judge reply has no grade matching {pattern!r}: {reply[:120]!r}")
+        return Verdict(None, "llm", f"judge reply unparsable: no grade matching {pattern!r} in {reply[:120]!r}")
     grade = _to_number(matches[-1] if isinstance(matches[-1], str) else matches[-1][0])
     if grade is None or not 0 <= grade <= scale:
-        return Verdict(None, "llm", f"judge grade {matches[-1]!r} is outside [0, {scale:g}]")
+        return Verdict(None, "llm", f"judge reply unparsable: grade {matches[-1]!r} is outside [0, {scale:g}]")
     return Verdict(grade / scale, "llm")

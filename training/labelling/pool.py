@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 
 import httpx
-import numpy as np
 import yaml
 from pydantic import (
     NonNegativeFloat,
@@ -204,7 +203,3 @@ def ask_llm_judge(client: httpx.Client, config: LLMJudgeConfig, prompt: str, ans
 def judge_client(config: LLMJudgeConfig) -> httpx.Client:
     return answer_client(config.base_url, config.concurrency, config.timeout_s, config.api_key_env)
 
-
-def price_table(config: LabelPoolConfig) -> np.ndarray:
-    """[M, 2] USD per 1M (prompt, answer) tokens, in the pool's order."""
-    return np.array([[m.price_in_per_mtok, m.price_out_per_mtok] for m in config.models.values()])
