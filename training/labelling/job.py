@@ -174,8 +174,8 @@ def write_labels(out: str, models: list[str]) -> dict:
     complete = rows["failures"].map(lambda failures: not any(failures.values())).to_numpy(bool)
     lines = []
     for row in rows[complete].to_dict("records"):
-        record = {"id": str(row["input_row"]), "prompt": row["prompt"], "scores": row["scores"], "costs": row["costs"],
-                  "responses": row["responses"]}
+        record = {"id": str(row["input_row"]), "prompt": row["prompt"],
+                  **{key: {model: row[key][model] for model in models} for key in ("scores", "costs", "responses")}}  # pool order
         if isinstance(row.get("benchmark"), str):
             record["benchmark"] = row["benchmark"]
         lines.append(json.dumps(record, ensure_ascii=False))
