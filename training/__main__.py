@@ -1,4 +1,5 @@
-"""Command line: `python -m training {embed,evaluate,fit} ...` (see docs/evaluation.md and docs/scaling.md)."""
+"""Command line: `python -m training {embed,evaluate,fit,label} ...` (see docs/evaluation.md, docs/scaling.md and
+docs/own_pool.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from serve.core.encoder import DEFAULT_EMBEDDER
 from training.evaluate import SEEDS
 from training.fit import FitConfig
+from training.labelling import add_arguments as add_label_arguments
 from training.splits import PROTOCOLS
 
 
@@ -114,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--holdout", type=float, default=0.0,
                      help="hold out this seeded fraction of the training rows (default 0: train on every one)")
 
+    label = commands.add_parser("label", help="label a prompt log: every pool model's answer, its cost and its judged score "
+                                              "(a Ray Data job), written as a routing table for fit")
+    add_label_arguments(label)
+
     args = parser.parse_args(argv)
+    if args.command == "label":
+        from training.labelling.job import run
+
+        return run(args)
     from training.datasets import DatasetError
 
     try:
