@@ -87,7 +87,7 @@ def test_k_per_task_takes_k_of_every_task_or_all_it_has():
 
 
 def write_pool(path, config: dict):
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the pool's order is the table's
     return path
 
 
