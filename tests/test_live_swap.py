@@ -6,15 +6,15 @@ The artifacts are small fits on the planted routing problem of conftest.py: one 
 same with "mid" onboarded from a few labels (training/onboard.py). Every pool model is an `openai` backend on a
 loopback upstream that answers with the model's name, so the test is bounded by the app, not by an engine."""
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx
 import pytest
 from conftest import free_port
+from test_cascade_serve import RecordedAnswers
 from test_onboard import NEW, SMALL, labels_for, without
 
 pytestmark = pytest.mark.slow
@@ -26,22 +26,17 @@ AFTER_SWAP = 40  # requests sent once the new pool shows, so some surely run on 
 DEADLINE_S = 240
 
 
-class NamedAnswers(BaseHTTPRequestHandler):
-    """An OpenAI-compatible upstream: every model answers with its own name."""
+class ModelNames(dict):
+    """Every (model, prompt) is answered with the model's name."""
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        data = json.dumps({"id": "named", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": body["model"]}, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def get(self, key, default=None):
+        return key[0]
 
-    def log_message(self, *args):
-        pass
+
+class NamedAnswers(RecordedAnswers):
+    """The cascade tests' OpenAI-compatible upstream, every model answering with its own name."""
+
+    answers = ModelNames()
 
 
 @pytest.fixture(scope="module")
