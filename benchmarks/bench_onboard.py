@@ -108,6 +108,7 @@ def prior_aiq(added: RouterArtifact, labels: Labels, evaluation: TrainingSet) ->
 
 
 def run_fold(table, embeddings, fold_index: int, models: list[str], label_seeds: int, log) -> dict:
+    _inputs.clear()  # keyed by the prompt sets' ids: those of another fold may be reused
     fold = folds(table, "cv")[fold_index]
     whole = TrainingSet(table, embeddings)
     train, test = whole.subset(fold.train), whole.subset(fold.test)
