@@ -7,10 +7,11 @@ k labelled prompts per latent task (training/onboard.py), and compare on the cv 
 Cheap by design: per fold, the full-data router selects Stage 1 on its validation slice as `fit` does, and each
 leave-one-out router reuses that fold's Stage 1 setting (one fit each). The onboarding settings (shrinkage,
 profile prior, head) are chosen per fold on the leave-one-out routers' own validation slices (labels from their
-fit rows, AIQ on their validation rows), never on test. Each fold is one run (`--folds 0`), its figures kept
-under `--work`; `--report` merges the folds run so far into report.json and report.md.
+fit rows, AIQ on their validation rows), never on test. A run takes some folds and held-out models (`--folds 0
+--models a b`: the settings are then chosen over those models), its figures kept under `--work`; `--report`
+merges the runs so far into report.json and report.md.
 
-    python benchmarks/bench_onboard.py --folds 0 --work /tmp/onboard_work
+    python benchmarks/bench_onboard.py --folds 0 --models qwen2.5-7b-instruct gemma-2-9b-it --work /tmp/onboard_work
     python benchmarks/bench_onboard.py --report --work /tmp/onboard_work --out docs/results/onboarding
 """
 
@@ -230,7 +231,7 @@ def main() -> None:
         for fold in args.folds:
             result = run_fold(table, embeddings, fold, args.models or table.models, args.label_seeds, lambda message: print(message, flush=True))
             result["command"] = " ".join(sys.argv)
-            (args.work / f"fold{fold}.json").write_text(json.dumps(result, indent=1))
+            (args.work / f"fold{fold}_{'+'.join(result['models'])}.json").write_text(json.dumps(result, indent=1))
     if args.report:
         results = [json.loads(path.read_text()) for path in sorted(args.work.glob("fold*.json"))]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
