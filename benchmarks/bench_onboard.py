@@ -188,9 +188,10 @@ def summarise(results: list[dict]) -> dict:
             "recovered": float((onboarded - prior).mean() / (full - prior).mean()),
         })
     per_model = {}
-    for model in results[0]["models"]:
+    for model in dict.fromkeys(m for r in results for m in r["models"]):
         for per_task in KS:
-            cells = [(r["full"], run) for r in results for run in r["models"][model]["runs"] if run["sampler"] == "stratified" and run["k"] == per_task]
+            cells = [(r["full"], run) for r in results if model in r["models"] for run in r["models"][model]["runs"]
+                     if run["sampler"] == "stratified" and run["k"] == per_task]
             per_model.setdefault(model, {})[str(per_task)] = {
                 "onboarded": float(np.mean([c[1]["onboarded"] for c in cells])), "prior": float(np.mean([c[1]["prior"] for c in cells])),
                 "full": float(np.mean([c[0] for c in cells]))}
@@ -210,8 +211,8 @@ def markdown(report: dict) -> str:
               "| model | " + " | ".join(f"k = {k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
     for model, by_k in report["summary"]["per_model"].items():
         lines.append(f"| {model} | " + " | ".join(f"{c['onboarded']:.3f} / {c['prior']:.3f} / {c['full']:.3f}" for c in by_k.values()) + " |")
-    lines += ["", "Onboarding settings chosen on validation, per fold: " +
-              "; ".join(f"fold {r['fold']}: {r['chosen']}" for r in report["folds_detail"])]
+    lines += ["", "Onboarding settings chosen on validation, per run (fold, held-out models):", ""]
+    lines += [f"- fold {r['fold']}, {', '.join(r['models'])}: {r['chosen']}" for r in report["folds_detail"]]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +236,7 @@ def main() -> None:
     if args.report:
         results = [json.loads(path.read_text()) for path in sorted(args.work.glob("fold*.json"))]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        report = {"dataset": DATASET, "commit": commit, "folds": [r["fold"] for r in results], "label_seeds": args.label_seeds,
+        report = {"dataset": DATASET, "commit": commit, "folds": sorted({r["fold"] for r in results}), "label_seeds": args.label_seeds,
                   "command": "; ".join(sorted({r["command"] for r in results})) + f"; {' '.join(sys.argv)}",
                   "summary": summarise(results), "folds_detail": results}
         args.out.mkdir(parents=True, exist_ok=True)
