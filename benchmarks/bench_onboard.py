@@ -108,7 +108,9 @@ def prior_aiq(added: RouterArtifact, labels: Labels, evaluation: TrainingSet) ->
     return routed_aiq(added, evaluation, quality)
 
 
-def run_fold(table, embeddings, fold_index: int, models: list[str], label_seeds: int, log) -> dict:
+def run_fold(table, embeddings, fold_index: int, models: list[str], label_seeds: int, log, save=lambda result: None) -> dict:
+    """One fold for the held-out `models`; `save(result)` after each model's test runs, so that a run cut short
+    keeps what it measured."""
     _inputs.clear()  # keyed by the prompt sets' ids: those of another fold may be reused
     fold = folds(table, "cv")[fold_index]
     whole = TrainingSet(table, embeddings)
@@ -164,8 +166,9 @@ def run_fold(table, embeddings, fold_index: int, models: list[str], label_seeds:
                 run["retrained"] = retrained[key]
             entry["runs"].append(run)
         result["models"][model] = entry
+        result["seconds"] = time.perf_counter() - started
+        save(result)
         log(f"fold {fold_index}: {model} onboarded, {time.perf_counter() - started:.0f}s")
-    result["seconds"] = time.perf_counter() - started
     return result
 
 
@@ -229,10 +232,11 @@ def main() -> None:
     if args.folds:
         table = load_dataset(DATASET)
         embeddings = embed_texts(table.prompts, use_ray=False)
+        models = args.models or table.models
         for fold in args.folds:
-            result = run_fold(table, embeddings, fold, args.models or table.models, args.label_seeds, lambda message: print(message, flush=True))
-            result["command"] = " ".join(sys.argv)
-            (args.work / f"fold{fold}_{'+'.join(result['models'])}.json").write_text(json.dumps(result, indent=1))
+            path = args.work / f"fold{fold}_{'+'.join(models)}.json"
+            run_fold(table, embeddings, fold, models, args.label_seeds, lambda message: print(message, flush=True),
+                     lambda result: path.write_text(json.dumps({**result, "command": " ".join(sys.argv)}, indent=1)))
     if args.report:
         results = [json.loads(path.read_text()) for path in sorted(args.work.glob("fold*.json"))]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
