@@ -219,6 +219,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return commit + ("+changes" if status else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folds", type=int, nargs="*", default=[], help="cv folds to run now (0-4)")
@@ -233,14 +239,14 @@ def main() -> None:
         table = load_dataset(DATASET)
         embeddings = embed_texts(table.prompts, use_ray=False)
         models = args.models or table.models
+        run = {"command": " ".join(sys.argv), "commit": _commit()}
         for fold in args.folds:
             path = args.work / f"fold{fold}_{'+'.join(models)}.json"
             run_fold(table, embeddings, fold, models, args.label_seeds, lambda message: print(message, flush=True),
-                     lambda result: path.write_text(json.dumps({**result, "command": " ".join(sys.argv)}, indent=1)))
+                     lambda result: path.write_text(json.dumps({**result, **run}, indent=1)))
     if args.report:
         results = [json.loads(path.read_text()) for path in sorted(args.work.glob("fold*.json"))]
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        report = {"dataset": DATASET, "commit": commit, "folds": sorted({r["fold"] for r in results}), "label_seeds": args.label_seeds,
+        report = {"dataset": DATASET, "commit": "; ".join(sorted({r["commit"] for r in results})), "folds": sorted({r["fold"] for r in results}), "label_seeds": args.label_seeds,
                   "command": "; ".join(sorted({r["command"] for r in results})) + f"; {' '.join(sys.argv)}",
                   "summary": summarise(results), "folds_detail": results}
         args.out.mkdir(parents=True, exist_ok=True)
