@@ -51,8 +51,9 @@ DATASET = "llmrouter_9model"
 KS = (1, 3, 10)
 SAMPLERS = ("stratified", "random")
 # The onboarding settings compared on validation.
-CANDIDATES = [OnboardConfig(shrinkage=s, profile_ridge=p, head_ridge=h)
-              for s, p, h in itertools.product((1.0, 3.0, 10.0, 30.0), (None, 0.3, 3.0), (None, 3.0, 30.0))]
+CANDIDATES = [OnboardConfig(shrinkage=s, profile_ridge=p, pool_scores=u, head_ridge=h)
+              for s, (p, u), h in itertools.product((10.0, 30.0, 100.0), [(None, False)] + [(p, u) for p in (1.0, 10.0, 100.0) for u in (False, True)],
+                                                    (None, 30.0, 300.0))]
 
 
 def without_model(data: TrainingSet, model: str) -> TrainingSet:
@@ -73,9 +74,11 @@ def label_rows(sampler: str, tasks: np.ndarray, per_task: int, seed: int) -> np.
 
 
 def labels_of(data: TrainingSet, rows: np.ndarray, column: int) -> Labels:
+    """The new model's labels on training prompts, with the pool's scores of them (the training table has them)."""
     table = data.table
+    others = [j for j in range(len(table.models)) if j != column]
     return Labels(embeddings=data.embeddings[rows], texts=[table.prompts[i] for i in rows], prompt_tokens=table.prompt_tokens[rows],
-                  scores=table.scores[rows, column], costs=table.costs[rows, column])
+                  scores=table.scores[rows, column], costs=table.costs[rows, column], pool_scores=table.scores[np.ix_(rows, others)])
 
 
 _inputs: dict[tuple, np.ndarray] = {}

@@ -120,6 +120,17 @@ def test_the_profile_prior_fills_unlabelled_tasks_from_the_models_the_new_one_re
     np.testing.assert_allclose(mean_only[unlabelled], scores.mean())
 
 
+def test_the_pool_s_scores_of_the_labelled_prompts_tell_which_model_the_new_one_copies():
+    """A new model that answers exactly as pool model 1 on every prompt: with the pool's scores of its labelled
+    prompts, every task's estimate lands on model 1's column, labelled or not."""
+    rng = np.random.default_rng(1)
+    tasks = np.repeat(np.eye(6)[:3], 30, axis=0)  # labels on tasks 0-2 only
+    pool_scores = (rng.random((len(tasks), 4)) < 0.5).astype(float)
+    pool_table = rng.random((6, 4))
+    column = task_quality_column(tasks, pool_scores[:, 1], pool_table, OnboardConfig(shrinkage=5.0, profile_ridge=1e-6), pool_scores)
+    np.testing.assert_allclose(column, np.clip(pool_table[:, 1], 0, 1), atol=1e-4)
+
+
 def test_removing_a_model_keeps_the_others_ranked_as_before(data, onboarded, tmp_path):
     removed = remove_model(onboarded, "small")
     keep = [onboarded.models.index(m) for m in removed.models]

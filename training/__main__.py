@@ -104,7 +104,7 @@ def _edit_pool(args) -> None:
 
     artifact = RouterArtifact.load(args.artifact)
     if args.command == "onboard":
-        labels = onboard.read_labels(args.labels, args.model, artifact.embedder)
+        labels = onboard.read_labels(args.labels, args.model, artifact)
         artifact = onboard.onboard(artifact, args.model, labels, prices=args.price)
         print(f"onboarded {args.model} from {len(labels.scores)} labelled prompts (mean label {labels.scores.mean():.3f})")
     else:

@@ -29,9 +29,10 @@ class OnboardConfig:
     """How a new model's estimates are formed from its labels (the defaults are chosen on validation slices by
     benchmarks/bench_onboard.py; docs/own_pool_onboard.md has the comparison)."""
 
-    shrinkage: float = 5.0  # labels' worth of the prior mixed into each task's mean label
-    profile_ridge: float | None = 1.0  # ridge of the labels' regression on the pool's task profiles; None: the prior is the mean label
-    head_ridge: float | None = None  # ridge of the head's correction by the pool's heads; None: the head is the task table alone
+    shrinkage: float = 30.0  # labels' worth of the prior mixed into each task's mean label
+    profile_ridge: float | None = 10.0  # ridge of the labels' regression on the pool's scores; None: the prior is the mean label
+    pool_scores: bool = True  # regress on the pool's own scores of the labelled prompts where the labels have them
+    head_ridge: float | None = 100.0  # ridge of the head's correction by the pool's heads; None: the head is the task table alone
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Labels:
     prompt_tokens: np.ndarray  # [N]
     scores: np.ndarray  # [N] quality in [0, 1]
     costs: np.ndarray | None = None  # [N] USD per query; None: priced from the model's prices instead
+    pool_scores: np.ndarray | None = None  # [N, M] the pool's scores of the same prompts, where known (pool order)
 
 
 def _column(artifact: RouterArtifact, model: str) -> int:
@@ -51,18 +53,27 @@ def _column(artifact: RouterArtifact, model: str) -> int:
     return artifact.models.index(model)
 
 
-def task_quality_column(tasks: np.ndarray, scores: np.ndarray, pool_table: np.ndarray, config: OnboardConfig) -> np.ndarray:
+def task_quality_column(tasks: np.ndarray, scores: np.ndarray, pool_table: np.ndarray, config: OnboardConfig,
+                        pool_scores: np.ndarray | None = None) -> np.ndarray:
     """[T] the new model's quality per task from its labels: `tasks` [N, T] p(task | prompt) of the labelled
-    prompts, `scores` [N], `pool_table` [T, M] the pool's task table."""
-    counts, sums = tasks.sum(axis=0), tasks.T @ scores
-    prior = np.full(len(pool_table), scores.mean())
+    prompts, `scores` [N], `pool_table` [T, M] the pool's task table, `pool_scores` [N, M] the pool's own scores
+    of the labelled prompts where known.
+
+    The prior of task t is a ridge regression of the labels on what the pool did on the same prompts (its scores,
+    or, without them, its task table's expectation), evaluated at the task's profile `pool_table[t]`: the new
+    model resembles some pool models more than others. Each task then adds its labels' residuals from that
+    regression, shrunk by `shrinkage` labels' worth: where a few sampled prompts happen to be hard for the pool
+    too, the residuals, not the raw labels, say how the new model differs."""
+    mean = scores.mean()
+    features = pool_scores if pool_scores is not None and config.pool_scores else tasks @ pool_table
+    centre = features.mean(axis=0)
+    weights = np.zeros(pool_table.shape[1])
     if config.profile_ridge is not None:
-        profiles = tasks @ pool_table  # [N, M] the pool's expected quality on each labelled prompt's tasks
-        centre = profiles.mean(axis=0)
-        design = profiles - centre
-        weights = np.linalg.solve(design.T @ design + config.profile_ridge * np.eye(design.shape[1]), design.T @ (scores - scores.mean()))
-        prior = np.clip(scores.mean() + (pool_table - centre) @ weights, 0.0, 1.0)
-    return (sums + config.shrinkage * prior) / (counts + config.shrinkage)
+        design = features - centre
+        weights = np.linalg.solve(design.T @ design + config.profile_ridge * np.eye(design.shape[1]), design.T @ (scores - mean))
+    prior = mean + (pool_table - centre) @ weights
+    residuals = scores - (mean + (features - centre) @ weights)
+    return np.clip(prior + tasks.T @ residuals / (tasks.sum(axis=0) + config.shrinkage), 0.0, 1.0)
 
 
 def pool_head_correction(pool_logits: np.ndarray, base_logits: np.ndarray, scores: np.ndarray, ridge: float,
@@ -133,7 +144,7 @@ def onboard(artifact: RouterArtifact, model: str, labels: Labels, config: Onboar
         raise ValueError(f"no labelled prompts for {model!r}")
     scores = np.asarray(labels.scores, float)
     pool_logits, tasks = label_evidence(artifact, labels) if evidence is None else evidence
-    column = task_quality_column(tasks, scores, artifact.weights["task_quality"], config)
+    column = task_quality_column(tasks, scores, artifact.weights["task_quality"], config, labels.pool_scores)
     weights, offset = np.zeros(len(artifact.models)), 0.0
     if config.head_ridge is not None:
         weights, offset = pool_head_correction(pool_logits, tasks @ logit(column), scores, config.head_ridge)
@@ -204,16 +215,22 @@ def stratified_sample(tasks: np.ndarray, per_task: int, seed: int) -> np.ndarray
     return np.sort(np.concatenate(picks))
 
 
-def read_labels(path, model: str, embedder: str) -> Labels:
+def read_labels(path, model: str, artifact: RouterArtifact) -> Labels:
     """The labelled prompts of `model` from a routing table file (JSONL or Parquet in the user format, as the
-    labelling job writes it: `prompt`, `scores`, optional `costs`); other models' columns are ignored."""
+    labelling job writes it: `prompt`, `scores`, optional `costs`). Where `scores` also holds every model of the
+    artifact's pool (prompts of the training table, or labelled for the whole pool), those scores say which pool
+    models the new one resembles; other columns are ignored."""
     from training.datasets import DatasetError, load_dataset
     from training.embed import embed_texts
 
+    embedder = artifact.embedder
     table = load_dataset(str(path), embedder=embedder)
     if model not in table.models:
         raise DatasetError(f"{path}: column 'scores' has no model {model!r} (it has {table.models})")
     column = table.models.index(model)
     costs = table.costs[:, column]
-    return Labels(embeddings=embed_texts(table.prompts, embedder, use_ray=False), texts=table.prompts,
-                  prompt_tokens=table.prompt_tokens, scores=table.scores[:, column], costs=costs if np.any(costs > 0) else None)
+    pool_scores = None
+    if set(artifact.models) <= set(table.models):
+        pool_scores = table.scores[:, [table.models.index(m) for m in artifact.models]]
+    return Labels(embeddings=embed_texts(table.prompts, embedder, use_ray=False), texts=table.prompts, prompt_tokens=table.prompt_tokens,
+                  scores=table.scores[:, column], costs=costs if np.any(costs > 0) else None, pool_scores=pool_scores)
