@@ -201,7 +201,26 @@ def summarise(results: list[dict]) -> dict:
             per_model.setdefault(model, {})[str(per_task)] = {
                 "onboarded": float(np.mean([c[1]["onboarded"] for c in cells])), "prior": float(np.mean([c[1]["prior"] for c in cells])),
                 "full": float(np.mean([c[0] for c in cells]))}
-    return {"table": rows, "per_model": per_model}
+    return {"table": rows, "per_model": per_model, "alternatives": alternatives(results)}
+
+
+def alternatives(results: list[dict]) -> list[dict]:
+    """Validation AIQ of each design alternative (the prior: the new model's mean label, a regression on the pool's
+    task profiles, or on the pool's own scores of the labelled prompts; the head: the task table alone, or with the
+    pool heads' correction) at its best shrinkage and ridges, mean over runs."""
+    def family(setting: dict) -> tuple[str, str]:
+        prior = "mean label" if setting["profile_ridge"] is None else "pool's scores" if setting["pool_scores"] else "pool's task profiles"
+        return prior, "task table" if setting["head_ridge"] is None else "task table + pool heads"
+
+    best: dict[tuple, list[float]] = {}
+    for result in results:
+        by_family: dict[tuple, float] = {}
+        for setting in result["validation"]:
+            key = family(setting)
+            by_family[key] = max(by_family.get(key, -np.inf), setting["aiq"])
+        for key, score in by_family.items():
+            best.setdefault(key, []).append(score)
+    return [{"prior": prior, "head": head, "validation_aiq": float(np.mean(scores))} for (prior, head), scores in best.items()]
 
 
 def markdown(report: dict) -> str:
@@ -217,6 +236,9 @@ def markdown(report: dict) -> str:
               "| model | " + " | ".join(f"k = {k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
     for model, by_k in report["summary"]["per_model"].items():
         lines.append(f"| {model} | " + " | ".join(f"{c['onboarded']:.3f} / {c['prior']:.3f} / {c['full']:.3f}" for c in by_k.values()) + " |")
+    lines += ["", "Design alternatives on the validation slices (best setting of each, mean over runs):", "",
+              "| prior of a task | MoE head | validation AIQ |", "|---|---|---|"]
+    lines += [f"| {a['prior']} | {a['head']} | {a['validation_aiq']:.4f} |" for a in report["summary"]["alternatives"]]
     lines += ["", "Onboarding settings chosen on validation, per run (fold, held-out models):", ""]
     lines += [f"- fold {r['fold']}, {', '.join(r['models'])}: {r['chosen']}" for r in report["folds_detail"]]
     return "\n".join(lines) + "\n"
