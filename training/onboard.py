@@ -118,8 +118,8 @@ def output_tokens(artifact: RouterArtifact) -> float:
     fixed = artifact.weights["cost_fixed"]
     tokens = [fixed[j] * MILLION / prices[m][1] for j, m in enumerate(artifact.models) if m in prices and prices[m][1] > 0]
     if not tokens:
-        raise ValueError("the artifact records no output prices, so a price cannot be turned into a cost: give the labels a "
-                         "'costs' column (USD per query) instead")
+        raise ValueError("the artifact records no output prices (its training data had per-query costs), so a price cannot be "
+                         "turned into a cost per query: onboard from labels with a 'costs' column (USD per query), or refit")
     return float(np.median(tokens))
 
 
