@@ -104,10 +104,11 @@ def routed_aiq(artifact: RouterArtifact, evaluation: TrainingSet, quality: np.nd
     return float(curve_aiq(curve, table.costs))
 
 
-def prior_aiq(added: RouterArtifact, labels: Labels, evaluation: TrainingSet) -> float:
-    """(iii): the onboarded router with the new model (its last) at its mean label on every prompt instead."""
+def replaced_aiq(added: RouterArtifact, new_quality, evaluation: TrainingSet) -> float:
+    """The onboarded router with `new_quality` for the new model (its last) instead: (iii) the prior, its mean label
+    on every prompt; or the ceiling, the full-data router's estimate."""
     quality = added.predict_inputs(network_inputs(added, evaluation))[0]
-    quality[:, -1] = labels.scores.mean()
+    quality[:, -1] = new_quality
     return routed_aiq(added, evaluation, quality)
 
 
@@ -153,13 +154,15 @@ def run_fold(table, embeddings, fold_index: int, models: list[str], label_seeds:
         column = table.models.index(model)
         artifact = left_out[model]
         tasks = artifact.task_probabilities(network_inputs(artifact, train)).argmax(axis=1)
+        full_estimate = full.predict_inputs(network_inputs(full, test))[0][:, full.models.index(model)]
         entry = {"tasks": artifact.manifest["tasks"], "runs": []}
         for sampler, per_task, seed in itertools.product(SAMPLERS, KS, range(label_seeds)):
             rows = label_rows(sampler, tasks, per_task, seed)
             labels = labels_of(train, rows, column)
             added = onboard(artifact, model, labels, chosen)
             run = {"sampler": sampler, "k": per_task, "seed": seed, "labels": len(rows),
-                   "onboarded": routed_aiq(added, test), "prior": prior_aiq(added, labels, test)}
+                   "onboarded": routed_aiq(added, test), "prior": replaced_aiq(added, labels.scores.mean(), test),
+                   "ceiling": replaced_aiq(added, full_estimate, test)}
             if sampler == "stratified" and seed == 0:
                 key = tuple(rows)
                 if key not in retrained:
@@ -186,11 +189,13 @@ def summarise(results: list[dict]) -> dict:
         onboarded = np.array([c[1]["onboarded"] for c in cells])
         prior = np.array([c[1]["prior"] for c in cells])
         retrained = [c[1]["retrained"] for c in cells if "retrained" in c[1]]
+        ceiling = [c[1]["ceiling"] for c in cells if "ceiling" in c[1]]
         rows.append({
             "sampler": sampler, "k": per_task, "cases": len(cells),
             "labels_per_model": float(np.mean([c[1]["labels"] for c in cells])),
             "onboarded": float(onboarded.mean()), "prior": float(prior.mean()), "full": float(full.mean()),
             "retrained": float(np.mean(retrained)) if retrained else None,
+            "ceiling": float(np.mean(ceiling)) if ceiling else None, "ceiling_cases": len(ceiling),
             "recovered": float((onboarded - prior).mean() / (full - prior).mean()),
         })
     per_model = {}
