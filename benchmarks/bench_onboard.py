@@ -232,11 +232,14 @@ def markdown(report: dict) -> str:
     lines = [f"Onboarding on `{report['dataset']}` (cv folds {report['folds']}, {report['label_seeds']} label seeds), "
              f"commit `{report['commit']}`.", "", f"Command: `{report['command']}`", "",
              "| sampler | k per task | labels of the new model | onboarded AIQ | prior AIQ | full-data AIQ | retrained on the labels AIQ "
-             "| gain recovered |", "|---|---|---|---|---|---|---|---|"]
+             "| gain recovered | ceiling AIQ (cases) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]["table"]:
         retrained = "-" if row["retrained"] is None else f"{row['retrained']:.4f}"
+        ceiling = "-" if row.get("ceiling") is None else f"{row['ceiling']:.4f} ({row['ceiling_cases']})"
         lines.append(f"| {row['sampler']} | {row['k']} | {row['labels_per_model']:.0f} | {row['onboarded']:.4f} | {row['prior']:.4f} "
-                     f"| {row['full']:.4f} | {retrained} | {row['recovered']:.2f} |")
+                     f"| {row['full']:.4f} | {retrained} | {row['recovered']:.2f} | {ceiling} |")
+    lines += ["", "Ceiling: the left-out router with the full-data router's estimate of the new model (measured in the runs "
+              "that record it): what a perfect onboarding of the new model alone could reach."]
     lines += ["", "Per held-out model (stratified labels): onboarded / prior / full-data AIQ", "",
               "| model | " + " | ".join(f"k = {k}" for k in KS) + " |", "|---|" + "---|" * len(KS)]
     for model, by_k in report["summary"]["per_model"].items():
