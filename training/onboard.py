@@ -32,7 +32,7 @@ class OnboardConfig:
     shrinkage: float = 30.0  # labels' worth of the prior mixed into each task's mean label
     profile_ridge: float | None = 10.0  # ridge of the labels' regression on the pool's scores; None: the prior is the mean label
     pool_scores: bool = True  # regress on the pool's own scores of the labelled prompts where the labels have them
-    head_ridge: float | None = 100.0  # ridge of the head's correction by the pool's heads; None: the head is the task table alone
+    head_ridge: float | None = 30.0  # ridge of the head's correction by the pool's heads; None: the head is the task table alone
 
 
 @dataclass
