@@ -1,36 +1,44 @@
-"""Scale benchmark of Stage 1's graph part: kNN graph, edge weights, Leiden, at 1e5..1e6 prompts.
+"""The kNN graph builders side by side: time, recall@10 against exact search, and the Leiden modularity of the
+graph each one gives, on synthetic data at 1e4..1e6 prompts and on real MiniLM embeddings of the four datasets.
 
 Synthetic data shaped like sentence embeddings (see `clustered_embeddings`): Gaussian clusters of prompts
 in low-dimensional domain subspaces plus isotropic noise, L2-normalised (pure isotropic Gaussians in 384-d
 would make every neighbour search hopeless, well separated clusters would make it trivial); 0/1 scores of
-a model pool whose solve rates depend on the cluster. Each (size, index) runs in a fresh process so that
-its peak RSS is its own. From the repository root:
+a model pool whose solve rates depend on the cluster. The real set is every prompt of the four datasets, embedded
+by the project's encoder (from the embeddings cache, `python -m training embed --dataset NAME`), with no scores
+(a purely semantic graph). Each (data, method) runs in a fresh process so that its peak RSS is its own.
 
-    python -m benchmarks.bench_graph --sizes 100000 1000000 [--indexes auto hnsw ivf] [--leiden leidenalg igraph]
-    python -m benchmarks.bench_graph --sizes 200000 --indexes hnsw --hnsw 32,64,32 32,40,24   # HNSW settings compared
+Every run merges its rows into DIR/report.json (a row per data, size and method, with its command and commit)
+and rewrites DIR/report.md from all of them, so that heavy sizes can run one method per command:
 
-With several `--leiden` implementations, each runs on the same graph; the table gives each one's time and
-the modularity (at the resolution) of what it found, so speed is compared at equal quality.
+    python -m benchmarks.bench_graph --sizes 100000 --methods exact ivf nndescent hnsw --real --out docs/results/graph
+    python -m benchmarks.bench_graph --sizes 1000000 --methods ivf --out docs/results/graph
+    python -m benchmarks.bench_graph --sizes 100000 --methods ivf --leiden leidenalg igraph   # Leiden compared
+
+Recall@10 is measured on `--recall-queries` rows against an exact search over all rows. Modularity is that of
+Leiden's partition (at the resolution) on each method's own graph; the table compares it with the reference
+method of the same data and size (exact where it ran, else HNSW, the method before the self-join).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from training import graph as graph_module
-from training.graph import (
-    LEIDEN_IMPLEMENTATIONS,
-    knn,
-    leiden,
-    resolve_index_kind,
-    task_graph,
-)
+from training import neighbours as neighbours_module
+from training.graph import LEIDEN_IMPLEMENTATIONS, leiden, task_graph
+from training.neighbours import METHODS, knn, resolve_method
+
+REAL_DATASETS = ("llmrouter_9model", "routerbench_partial", "routerdc_7model", "alpacaeval2_58model")
 
 DOMAINS = 20
 DOMAIN_RANK = 24  # dimension of each domain's subspace, near the local intrinsic dimension of MiniLM prompts
@@ -47,9 +55,8 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 def clustered_embeddings(rows: int, clusters: int, dim: int, seed: int, row_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 rows from `clusters` Gaussian clusters inside DOMAINS subspaces, and their clusters.
 
-    Calibrated at 6k rows on all-MiniLM-L6-v2 embeddings of the llmrouter prompts: median cosine of the
-    10th neighbour 0.42 (real 0.42), local intrinsic dimension 29 (22), IVF recall@10 with 100 lists at
-    nprobe 1/2/4/8 0.51/0.73/0.92/0.98 (0.54/0.71/0.83/0.91: real data has a harder tail).
+    Calibrated at 6k rows against all-MiniLM-L6-v2 embeddings of the llmrouter prompts (10th neighbour's cosine,
+    local intrinsic dimension, IVF recall at a few nprobe; the figures are in docs/scaling.md).
     Clusters of one domain overlap, as benchmarks' prompt styles do; Leiden need not recover them one to one.
     `row_seed` draws the rows with their own seed from the structure `seed` fixes (a corpus written in shards).
     """
@@ -98,14 +105,25 @@ def timed(function, *args, **kwargs) -> tuple[object, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_one(rows: int, index: str, hnsw: tuple[int, int, int] | None, args: argparse.Namespace) -> dict:
-    """One size and index in this (fresh) process; `hnsw` (links per node, efConstruction, efSearch) replaces the
-    product's HNSW settings here, so that settings can be compared on the same data."""
+def real_embeddings() -> np.ndarray:
+    """Every prompt of the four datasets, embedded by the project's encoder (cached after the first time)."""
+    from training.datasets import load_dataset
+    from training.embed import embed_texts
+
+    return np.concatenate([embed_texts(load_dataset(name).prompts, use_ray=False) for name in REAL_DATASETS])
+
+
+def run_one(data: str, rows: int, method: str, hnsw: tuple[int, int, int] | None, args: argparse.Namespace) -> dict:
+    """One data set and method in this (fresh) process; `hnsw` (links per node, efConstruction, efSearch) replaces
+    the product's HNSW settings here, so that settings can be compared on the same data."""
     if hnsw is not None:
-        graph_module.HNSW_LINKS_PER_NODE, graph_module.HNSW_EF_CONSTRUCTION, graph_module.HNSW_EF_SEARCH = hnsw
-    embeddings, cluster_of_row = clustered_embeddings(rows, args.clusters, args.dim, args.seed)
-    scores = cluster_dependent_scores(cluster_of_row, args.clusters, args.seed)
-    (neighbours, similarities), knn_wall, knn_cpu = timed(knn, embeddings, args.k, index=index, seed=args.seed)
+        neighbours_module.HNSW_LINKS_PER_NODE, neighbours_module.HNSW_EF_CONSTRUCTION, neighbours_module.HNSW_EF_SEARCH = hnsw
+    if data == "real":
+        embeddings, scores = real_embeddings(), None
+    else:
+        embeddings, cluster_of_row = clustered_embeddings(rows, args.clusters, args.dim, args.seed)
+        scores = cluster_dependent_scores(cluster_of_row, args.clusters, args.seed)
+    (neighbours, similarities), knn_wall, knn_cpu = timed(knn, embeddings, args.k, method=method, seed=args.seed)
     recall = recall_at_k(embeddings, neighbours, args.k, args.recall_queries, args.seed)
     graph, graph_wall, _ = timed(task_graph, neighbours, similarities, scores, args.mix)
     del neighbours, similarities
@@ -115,46 +133,99 @@ def run_one(rows: int, index: str, hnsw: tuple[int, int, int] | None, args: argp
         modularity = graph.modularity(labels.tolist(), weights="weight", resolution=args.resolution)
         communities.append({"leiden": implementation, "leiden_wall": leiden_wall, "leiden_cpu": leiden_cpu,
                             "communities": int(labels.max()) + 1, "modularity": modularity})
-    kind = resolve_index_kind(index, rows)
-    if kind == "hnsw":
-        kind += f" M{graph_module.HNSW_LINKS_PER_NODE} efC{graph_module.HNSW_EF_CONSTRUCTION} efS{graph_module.HNSW_EF_SEARCH}"
-    return {"rows": rows, "index": kind, "knn_wall": knn_wall, "knn_cpu": knn_cpu,
-            "recall": recall, "edges": graph.ecount(), "graph_wall": graph_wall, "leiden": communities,
+    chosen = resolve_method(method, len(embeddings))
+    if chosen == "hnsw":
+        chosen += f" M{neighbours_module.HNSW_LINKS_PER_NODE} efC{neighbours_module.HNSW_EF_CONSTRUCTION} efS{neighbours_module.HNSW_EF_SEARCH}"
+    return {"data": data, "rows": len(embeddings), "method": chosen, "knn_wall": knn_wall, "knn_cpu": knn_cpu,
+            "recall": recall, "recall_queries": min(args.recall_queries, len(embeddings)), "edges": graph.ecount(),
+            "graph_wall": graph_wall, "leiden": communities, "faiss_threads": faiss.omp_get_max_threads(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _commit() -> str:
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return commit + ("+changes" if status.strip() else "")
+
+
+def _same_data(rows: list[dict], row: dict, method: str) -> dict | None:
+    """The row of `method` (a prefix: "hnsw" matches any HNSW settings) on the data and size of `row`."""
+    return next((r for r in rows if (r["data"], r["rows"]) == (row["data"], row["rows"]) and r["method"].startswith(method)), None)
+
+
+def markdown(rows: list[dict]) -> str:
+    """report.md: one table of every row; time against HNSW (the method before the self-join) and modularity
+    against exact search (else HNSW) on the same data and size."""
+    lines = ["# kNN graph builders side by side", "",
+             "Written by `benchmarks/bench_graph.py` (see its docstring); each row names its command and commit.", "",
+             "| data | prompts | method | kNN s (CPU s) | time / HNSW's | recall@10 (queries) | edges | Leiden | communities "
+             "| modularity | minus exact's (else HNSW's) | peak RSS GiB | commit | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["data"] != "real", r["rows"], r["method"])):
+        hnsw = _same_data(rows, row, "hnsw")
+        reference = _same_data(rows, row, "exact") or hnsw
+        for found in row["leiden"]:
+            versus = next((f for f in reference["leiden"] if f["leiden"] == found["leiden"]), None) if reference else None
+            ratio = f"{row['knn_wall'] / hnsw['knn_wall']:.2f}" if hnsw else "-"
+            delta = f"{found['modularity'] - versus['modularity']:+.4f}" if versus else "-"
+            lines.append(f"| {row['data']} | {row['rows']:,} | {row['method']} | {row['knn_wall']:.1f} ({row['knn_cpu']:.0f}) "
+                         f"| {ratio} | {row['recall']:.3f} ({row['recall_queries']:,}) | {row['edges']:,} | {found['leiden']} "
+                         f"{found['leiden_wall']:.1f} s | {found['communities']:,} | {found['modularity']:.4f} | {delta} "
+                         f"| {row['peak_rss_gib']:.2f} | {row['commit']} | `{row['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def save(out: Path, new_rows: list[dict]) -> None:
+    """Merge `new_rows` into out/report.json (replacing rows of the same data, size and method), rewrite report.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = lambda row: (row["data"], row["rows"], row["method"])  # noqa: E731
+    replaced = {key(row) for row in new_rows}
+    rows = [row for row in rows if key(row) not in replaced] + new_rows
+    path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--indexes", nargs="+", default=["auto"], choices=["auto", "exact", "ivf", "hnsw"])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000], help="synthetic sizes (none: real data only)")
+    parser.add_argument("--real", action="store_true", help="also the four datasets' real MiniLM embeddings")
+    parser.add_argument("--methods", nargs="+", default=["auto"], choices=METHODS)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--mix", type=float, default=0.5)
     parser.add_argument("--resolution", type=float, default=1.0)
-    parser.add_argument("--recall-queries", type=int, default=1000)
+    parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--leiden", nargs="+", default=["auto"], choices=LEIDEN_IMPLEMENTATIONS)
     parser.add_argument("--hnsw", nargs="+", metavar="M,EFC,EFS",
                         help="HNSW settings to compare (links per node, efConstruction, efSearch); default: the product's")
+    parser.add_argument("--out", type=Path, help="merge the rows into OUT/report.json and rewrite OUT/report.md")
     args = parser.parse_args()
     hnsw_settings = [tuple(int(part) for part in setting.split(",")) for setting in args.hnsw] if args.hnsw else [None]
+    command = "python -m benchmarks.bench_graph " + " ".join(sys.argv[1:])
+    commit = _commit()
 
     print(f"{faiss.omp_get_max_threads()} faiss threads; k={args.k}, dim={args.dim}, clusters={args.clusters}, "
-          f"mix={args.mix}, resolution={args.resolution}")
-    print("| prompts | index | kNN build+query s (CPU s) | recall@k | edges | graph s | Leiden | Leiden s (CPU s) "
-          "| communities | modularity | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"mix={args.mix}, resolution={args.resolution}; commit {commit}")
     spawn = multiprocessing.get_context("spawn")
-    for rows in args.sizes:
-        for index, hnsw in [(index, hnsw) for index in args.indexes for hnsw in (hnsw_settings if index == "hnsw" else [None])]:
+    runs = [("real", 0)] * args.real + [("synthetic", rows) for rows in args.sizes]
+    results = []
+    for data, rows in runs:
+        for method, hnsw in [(m, h) for m in args.methods for h in (hnsw_settings if m == "hnsw" else [None])]:
             with spawn.Pool(1) as pool:  # a fresh process per run: ru_maxrss is a lifetime maximum
-                result = pool.apply(run_one, (rows, index, hnsw, args))
+                result = pool.apply(run_one, (data, rows, method, hnsw, args))
+            results.append({**result, "command": command, "commit": commit})
             for found in result["leiden"]:
-                print(f"| {result['rows']:,} | {result['index']} | {result['knn_wall']:.1f} ({result['knn_cpu']:.0f}) "
-                      f"| {result['recall']:.3f} | {result['edges']:,} | {result['graph_wall']:.1f} | {found['leiden']} "
-                      f"| {found['leiden_wall']:.1f} ({found['leiden_cpu']:.0f}) | {found['communities']:,} "
-                      f"| {found['modularity']:.4f} | {result['peak_rss_gib']:.2f} |", flush=True)
+                print(f"{data} {result['rows']:,} {result['method']}: kNN {result['knn_wall']:.1f} s ({result['knn_cpu']:.0f} CPU s), "
+                      f"recall@{args.k} {result['recall']:.3f}, {result['edges']:,} edges, {found['leiden']} "
+                      f"{found['leiden_wall']:.1f} s, {found['communities']} communities, modularity {found['modularity']:.4f}, "
+                      f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+    if args.out:
+        save(args.out, results)
+        print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Scale benchmark of the streamed fit (`training.streaming`): time per step and peak memory at 1e5..1e6 prompts,
-and each step's throughput on 1, 2 and 3 simulated nodes.
+and the encoder's throughput on 1, 2 and 3 simulated nodes.
 
 The corpus is synthetic and written straight into shards by Ray tasks (the encoder is measured apart, on real
 prompts: encoding 1e6 prompts on 2 cores would take hours): embeddings shaped like MiniLM's
@@ -8,7 +8,7 @@ that depend on the cluster, short prompts of random length. Each size runs in a 
 peak RSS is its own; a sampler thread records the largest RSS of any Ray worker process meanwhile.
 
     python -m benchmarks.bench_scale --sizes 100000 300000 1000000 --out DIR   # steps 2-6 per size
-    python -m benchmarks.bench_scale --nodes 1 2 3 --node-rows 100000 --out DIR  # per-node throughput
+    python -m benchmarks.bench_scale --nodes 1 2 3 --out DIR  # the encoder's throughput per node
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ WORDS = ("explain", "solve", "write", "prove", "list", "compare", "the", "functi
 
 def _write_synthetic_shard(folder: str, shard: int, rows: int, seed: int, validation_below: float) -> tuple[str, int]:
     """One shard of the synthetic corpus (its rows drawn with their own seed from the shared cluster structure)."""
-    from training.streaming import _fixed_lists, _write_table
+    from training.corpus import fixed_lists, write_table
 
     row_seed = seed * 100_003 + shard + 1
     embeddings, clusters = clustered_embeddings(rows, CLUSTERS, 384, seed, row_seed=row_seed)
@@ -53,14 +53,14 @@ def _write_synthetic_shard(folder: str, shard: int, rows: int, seed: int, valida
     prompts = [" ".join(rng.choice(WORDS, size=int(t // 8 + 1))) for t in tokens]
     slot = rng.random(rows)
     name = f"part-{shard * rows:012d}-{(shard + 1) * rows:012d}.parquet"
-    _write_table(f"{folder}/{name}", pa.table({
+    write_table(f"{folder}/{name}", pa.table({
         "row": pa.array(np.arange(shard * rows, (shard + 1) * rows), pa.int64()),
         "prompt": pa.array(prompts, pa.string()),
         "benchmark": pa.array([f"cluster{c % 20}" for c in clusters], pa.string()),
-        "scores": _fixed_lists(scores),
-        "costs": _fixed_lists((tokens[:, None] + 200) * prices[None, :]),
+        "scores": fixed_lists(scores),
+        "costs": fixed_lists((tokens[:, None] + 200) * prices[None, :]),
         "prompt_tokens": pa.array(tokens, pa.int64()),
-        "embedding": _fixed_lists(embeddings),
+        "embedding": fixed_lists(embeddings),
         "slot": pa.array(slot, pa.float64()),
     }))
     return name, int((slot >= validation_below).sum())
@@ -70,7 +70,7 @@ def synthetic_corpus(folder: str, rows: int, seed: int = 0):
     """A `Corpus` of `rows` synthetic training rows in shards of ROWS_PER_SHARD, written by Ray tasks."""
     import ray
 
-    from training.streaming import ROWS_PER_SHARD, SAMPLE_ROWS, VALIDATION_ROWS, Corpus
+    from training.corpus import ROWS_PER_SHARD, SAMPLE_ROWS, VALIDATION_ROWS, Corpus
 
     validation_below = min(0.2, VALIDATION_ROWS / rows)
     write = ray.remote(num_cpus=1)(_write_synthetic_shard)
@@ -133,14 +133,15 @@ def _one_size(rows: int, epochs: int, seed: int, queue) -> None:
     ray.shutdown()
 
 
-def _node_throughput(nodes: int, rows: int, prompts: int, seed: int, queue) -> None:
-    """On a `Cluster` of `nodes` one-CPU raylets: encoder and kNN query throughput of the streamed steps."""
+def _node_throughput(nodes: int, prompts: int, queue) -> None:
+    """On a `Cluster` of `nodes` one-CPU raylets: the encoder's throughput (the step that spreads over nodes; the
+    kNN graph and Leiden are one task each, on one node)."""
     import ray
     from ray.cluster_utils import Cluster
 
     from serve.core.encoder import DEFAULT_EMBEDDER
+    from training.corpus import embed_corpus
     from training.datasets import load_dataset
-    from training.streaming import embed_corpus, knn_edges
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(nodes - 1):
@@ -157,19 +158,13 @@ def _node_throughput(nodes: int, rows: int, prompts: int, seed: int, queue) -> N
         embed_corpus(f"{folder}/input", DEFAULT_EMBEDDER, workspace=f"{folder}/embedded", num_actors=nodes,
                      rows_per_shard=max(50, prompts // (4 * nodes)), log=lambda message: None)
         embed_seconds = time.perf_counter() - started
-        os.makedirs(f"{folder}/synthetic")
-        corpus = synthetic_corpus(f"{folder}/synthetic", rows, seed)
-        knn_seconds = {}
-        knn_edges(corpus, 10, index="hnsw", seed=seed, num_actors=nodes, seconds=knn_seconds)
-    queue.put({"nodes": nodes, "embed_prompts_per_s": prompts / embed_seconds, "embed_s": embed_seconds,
-               "knn_index_s": knn_seconds["knn_index"], "knn_queries_s": knn_seconds["knn_queries"],
-               "knn_query_rows_per_s": rows / knn_seconds["knn_queries"]})
+    queue.put({"nodes": nodes, "embed_prompts_per_s": prompts / embed_seconds, "embed_s": embed_seconds})
     ray.shutdown()
     cluster.shutdown()
 
 
 def _step_seconds(size: dict) -> dict[str, float]:
-    """A size's seconds per step, with the kNN step's index build and queries apart."""
+    """A size's seconds per step, with the kNN step's parts apart."""
     return {**size["seconds"], **size["knn_seconds"]}
 
 
@@ -193,12 +188,14 @@ def write_report(results: dict, folder: str) -> None:
              + f", {results['cpus']} CPUs. {results.get('notes', '')}".rstrip(), ""] if "command" in results else []
     if sizes:
         steps = list(sizes[0]["seconds"])
-        lines += ["| rows | " + " | ".join(f"{step} s" for step in steps) + " | of kNN: index build s | of kNN: queries s | total s | graph stage "
-                  "(kNN + tasks) s | tasks | driver peak GiB | largest worker GiB |", "|---" * (len(steps) + 8) + "|"]
+        knn_parts = list(sizes[0]["knn_seconds"])
+        lines += ["| rows | " + " | ".join(f"{step} s" for step in steps) + "".join(f" | of kNN: {part} s" for part in knn_parts)
+                  + " | total s | graph stage (kNN + tasks) s | tasks | driver peak GiB | largest worker GiB |",
+                  "|---" * (len(steps) + len(knn_parts) + 6) + "|"]
         for size in sizes:
             seconds = size["seconds"]
             lines.append(f"| {size['rows']:,} | " + " | ".join(f"{seconds[step]:.0f}" for step in steps)
-                         + f" | {size['knn_seconds']['knn_index']:.0f} | {size['knn_seconds']['knn_queries']:.0f} | {sum(seconds.values()):.0f} "
+                         + "".join(f" | {size['knn_seconds'][part]:.0f}" for part in knn_parts) + f" | {sum(seconds.values()):.0f} "
                          f"| {seconds['knn'] + seconds['tasks']:.0f} | {size['tasks']} | {size['driver_peak_gib']:.2f} "
                          f"| {size['worker_peak_gib']:.2f} ({size['worker_peak_process']}) |")
         if len(sizes) > 1:
@@ -214,9 +211,8 @@ def write_report(results: dict, folder: str) -> None:
         figure.tight_layout()
         figure.savefig(f"{folder}/scaling.png", dpi=120)
     if results["nodes"]:
-        lines += ["", "| simulated nodes (1 CPU each) | encoder prompts/s | kNN queries rows/s | index build s (one node) |", "|---|---|---|---|"]
-        lines += [f"| {node['nodes']} | {node['embed_prompts_per_s']:.1f} | {node['knn_query_rows_per_s']:.0f} | {node['knn_index_s']:.0f} |"
-                  for node in results["nodes"]]
+        lines += ["", "| simulated nodes (1 CPU each) | encoder prompts/s |", "|---|---|"]
+        lines += [f"| {node['nodes']} | {node['embed_prompts_per_s']:.1f} |" for node in results["nodes"]]
     with open(f"{folder}/report.json", "w") as handle:
         json.dump(results, handle, indent=1)
     with open(f"{folder}/report.md", "w") as handle:
@@ -238,7 +234,6 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="corpus sizes for steps 2-6 (multiples of 20,000)")
     parser.add_argument("--epochs", type=int, default=4, help="Stage 2 epochs (phase 1; phase 2 gets half)")
     parser.add_argument("--nodes", type=int, nargs="*", default=[], help="simulated node counts for the throughput runs")
-    parser.add_argument("--node-rows", type=int, default=100_000, help="synthetic rows in each throughput run's kNN step")
     parser.add_argument("--node-prompts", type=int, default=1_000, help="real prompts in each throughput run's encoder step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="a folder for report.json, report.md and scaling.png")
@@ -262,10 +257,9 @@ def main() -> None:
               f"driver peak {result['driver_peak_gib']:.2f} GiB; largest worker {result['worker_peak_gib']:.2f} GiB "
               f"({result['worker_peak_process']}); machine load {result['load_average_15m']:.1f} on {os.cpu_count()} CPUs", flush=True)
     for nodes in args.nodes:
-        result = _in_fresh_process(bench_scale._node_throughput, nodes, args.node_rows, args.node_prompts, args.seed)
+        result = _in_fresh_process(bench_scale._node_throughput, nodes, args.node_prompts)
         results["nodes"].append(result)
-        print(f"{nodes} node(s): encoder {result['embed_prompts_per_s']:.1f} prompts/s, kNN queries {result['knn_query_rows_per_s']:.0f} "
-              f"rows/s (index build on one node {result['knn_index_s']:.1f}s)", flush=True)
+        print(f"{nodes} node(s): encoder {result['embed_prompts_per_s']:.1f} prompts/s", flush=True)
     if args.out:
         write_report(results, args.out)
 

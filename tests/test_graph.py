@@ -1,19 +1,22 @@
-"""Stage 1 graph part: kNN, performance similarity, task graph, Leiden, merging of tiny tasks."""
+"""Stage 1 graph part: the kNN graph builders, performance similarity, task graph, Leiden, merging of tiny tasks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from training import neighbours as neighbours_module
 from training.exact_knn import torch_knn
 from training.graph import (
     discover_tasks,
-    knn,
     leiden,
     merge_small_communities,
     rank_biased_overlap,
     task_graph,
 )
+from training.neighbours import EXACT_BELOW_ROWS, knn, resolve_method
+
+APPROXIMATE = ["ivf", "nndescent", "hnsw"]
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -45,47 +48,95 @@ def _fraction_matching(found: np.ndarray, truth: np.ndarray) -> float:
     return contingency.max(axis=1).sum() / len(truth) if one_to_one else 0.0
 
 
+def _recall(found: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(row, true)) / expected.shape[1] for row, true in zip(found, expected)]))
+
+
 def test_exact_knn_matches_brute_force():
     embeddings = _unit_rows(np.random.default_rng(1).standard_normal((400, 32)))
-    neighbours, similarities = knn(embeddings, 7, index="exact", block_size=150)
+    neighbours, similarities = knn(embeddings, 7, method="exact", block_size=150)
     expected_neighbours, expected_similarities = _brute_force_knn(embeddings, 7)
     assert neighbours.dtype == np.int64 and similarities.dtype == np.float32
     np.testing.assert_array_equal(neighbours, expected_neighbours)
     np.testing.assert_allclose(similarities, expected_similarities, atol=1e-5)
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
-def test_approximate_knn_finds_most_true_neighbours(index):
+@pytest.mark.parametrize("method", APPROXIMATE)
+def test_approximate_knn_finds_most_true_neighbours_best_first(method):
     embeddings, _ = _planted_clusters(clusters=20, per_cluster=100, dim=64)
-    neighbours, _ = knn(embeddings, 10, index=index)
+    neighbours, similarities = knn(embeddings, 10, method=method)
     expected, _ = _brute_force_knn(embeddings, 10)
-    recall = np.mean([len(np.intersect1d(found, true)) / 10 for found, true in zip(neighbours, expected)])
-    assert recall >= 0.9
+    assert _recall(neighbours, expected) >= 0.9
     assert not (neighbours == np.arange(len(embeddings))[:, None]).any()
+    assert (np.diff(similarities, axis=1) <= 0).all()
+    found = np.einsum("rd,rkd->rk", embeddings, embeddings[neighbours])  # each similarity is its pair's cosine
+    np.testing.assert_allclose(similarities, found, atol=1e-5)
 
 
-def test_knn_excludes_self_among_exact_duplicates():
+def test_ivf_self_join_searches_the_probed_lists_exactly_and_repeats_with_its_seed():
+    """With as many probes as lists every row meets every other: the join is then an exact search."""
+    embeddings, _ = _planted_clusters(clusters=8, per_cluster=60, dim=32)
+    lists = neighbours_module.ivf_lists(len(embeddings))
+    probes = neighbours_module.IVF_PROBES
+    try:
+        neighbours_module.IVF_PROBES = lists
+        neighbours, similarities = knn(embeddings, 10, method="ivf", seed=3)
+    finally:
+        neighbours_module.IVF_PROBES = probes
+    expected_neighbours, expected_similarities = _brute_force_knn(embeddings, 10)
+    np.testing.assert_allclose(similarities, expected_similarities, atol=1e-5)
+    assert _recall(neighbours, expected_neighbours) == 1.0
+    first = knn(embeddings, 10, method="ivf", seed=5)
+    np.testing.assert_array_equal(knn(embeddings, 10, method="ivf", seed=5)[0], first[0])
+
+
+@pytest.mark.parametrize("method", ["exact", *APPROXIMATE])
+def test_knn_excludes_self_among_exact_duplicates(method):
     embeddings = _unit_rows(np.ones((6, 8)))
-    neighbours, similarities = knn(embeddings, 3, index="exact")
-    assert not (neighbours == np.arange(6)[:, None]).any()
+    neighbours, similarities = knn(embeddings, 3, method=method)
+    assert not (neighbours == np.arange(6)[:, None]).any() and (neighbours >= 0).all()
     np.testing.assert_allclose(similarities, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["exact", *APPROXIMATE])
+def test_duplicated_rows_find_their_copies_and_never_themselves(method):
+    embeddings, _ = _planted_clusters(clusters=5, per_cluster=60, dim=32)
+    embeddings[:40] = embeddings[0]  # 40 copies of one row: each one's 10 nearest others are copies
+    neighbours, similarities = knn(embeddings, 10, method=method)
+    assert not (neighbours == np.arange(len(embeddings))[:, None]).any()
+    assert (neighbours[:40] < 40).mean() >= 0.9 and np.allclose(similarities[:40][neighbours[:40] < 40], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", *APPROXIMATE])
+def test_knn_of_every_other_row_when_k_is_one_less_than_the_rows(method):
+    embeddings = _unit_rows(np.random.default_rng(4).standard_normal((12, 16)))
+    neighbours, _ = knn(embeddings, 11, method=method)
+    for row, found in enumerate(neighbours):
+        assert sorted(found) == [other for other in range(12) if other != row]
 
 
 def test_knn_rejects_bad_arguments():
     embeddings = _unit_rows(np.eye(4))
-    with pytest.raises(ValueError):
-        knn(embeddings, 4)
-    with pytest.raises(ValueError):
-        knn(embeddings, 2, index="annoy")
+    with pytest.raises(ValueError, match="k must be in"):
+        knn(embeddings, 4)  # fewer rows than k + 1
+    with pytest.raises(ValueError, match="unknown kNN method"):
+        knn(embeddings, 2, method="annoy")
+
+
+@pytest.mark.skipif(neighbours_module._gpu_available() or neighbours_module._torch_gpu_available(), reason="CPU choice")
+def test_auto_method_is_exact_on_small_inputs_and_the_self_join_above():
+    assert resolve_method("auto", EXACT_BELOW_ROWS - 1) == "exact"
+    assert resolve_method("auto", EXACT_BELOW_ROWS) == "ivf"
 
 
 @pytest.mark.slow
-def test_knn_sharded_over_ray_equals_plain_knn(ray_session):
+def test_knn_in_a_ray_task_equals_plain_knn(ray_session):
     embeddings, _ = _planted_clusters(clusters=5, per_cluster=200, dim=48)
-    plain = knn(embeddings, 10, block_size=300)
-    sharded = knn(embeddings, 10, block_size=300, use_ray=True)
-    np.testing.assert_array_equal(sharded[0], plain[0])
-    np.testing.assert_array_equal(sharded[1], plain[1])
+    for method in ("exact", "ivf"):
+        plain = knn(embeddings, 10, method=method, block_size=300)
+        on_ray = knn(embeddings, 10, method=method, block_size=300, use_ray=True)
+        np.testing.assert_array_equal(on_ray[0], plain[0])
+        np.testing.assert_array_equal(on_ray[1], plain[1])
 
 
 def test_rank_biased_overlap_identical_scores_give_one():
@@ -152,11 +203,11 @@ def test_leiden_recovers_planted_clusters_reproducibly(implementation):
 
 def test_torch_knn_matches_exact_faiss():
     embeddings = _unit_rows(np.random.default_rng(2).standard_normal((500, 32)))
-    expected_neighbours, expected_similarities = knn(embeddings, 8, index="exact")
+    expected_neighbours, expected_similarities = knn(embeddings, 8, method="exact")
     neighbours, similarities = torch_knn(embeddings, 8, device="cpu", block_size=130)
     np.testing.assert_allclose(similarities, expected_similarities, atol=1e-5)
     np.testing.assert_array_equal(neighbours, expected_neighbours)  # random data: no ties
-    np.testing.assert_array_equal(knn(embeddings, 8, index="torch", block_size=130)[0], neighbours)
+    np.testing.assert_array_equal(knn(embeddings, 8, method="torch", block_size=130)[0], neighbours)
 
 
 def test_discover_tasks_recovers_planted_clusters_with_performance_mix_and_is_deterministic():

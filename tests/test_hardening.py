@@ -278,8 +278,12 @@ QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
     ({"model": "router", "messages": QUESTION, "max_tokens": LIMITS["max_tokens"] + 1}, 400, "max_tokens"),
     ({"model": "router", "messages": QUESTION * (LIMITS["max_messages"] + 1)}, 400, "messages"),
     ({"model": "router", "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "router", "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 1}}}]},
+     400, "tools"),
+    ({"model": "router", "messages": QUESTION, "response_format": {"type": "json_schema"}}, 400, "response_format"),
 ], ids=["malformed-json", "no-messages", "empty-messages", "number-content", "number-text-part", "unknown-model", "bad-preset",
-        "negative-cost-weight", "unknown-candidate", "n-over-cap", "max-tokens-over-cap", "too-many-messages", "zero-max-tokens"])
+        "negative-cost-weight", "unknown-candidate", "n-over-cap", "max-tokens-over-cap", "too-many-messages", "zero-max-tokens",
+        "malformed-tools", "schema-less-response-format"])
 def test_bad_requests_get_openai_errors_naming_the_field(api, body, status, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = api.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})

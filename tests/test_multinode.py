@@ -67,33 +67,12 @@ def test_ray_train_on_two_nodes_resumes_from_its_checkpoint_after_a_worker_is_ki
     assert len(history["phase1_loss"]) == config.epochs and len(history["phase2_loss"]) == config.task_epochs
 
 
-class _ActorNodes(threading.Thread):
-    """Watches which nodes the live actors of a class run on while a job runs."""
-
-    def __init__(self, class_name: str):
-        super().__init__(daemon=True)
-        self.class_name, self.nodes, self.done = class_name, set(), threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            self.nodes |= {actor["node"] for actor in _live_actors(self.class_name)}
-            time.sleep(0.2)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.join()
-
-
 def _streamed_corpus(folder, texts: list[str], workspace: str, num_actors: int, rows_per_shard: int):
     """`texts` as a user's JSON Lines file (two models, made-up scores), embedded by the streamed fit's first step."""
     import json
 
     from serve.core.encoder import DEFAULT_EMBEDDER
-    from training.streaming import embed_corpus
+    from training.corpus import embed_corpus
 
     folder.mkdir()
     with open(folder / "prompts.jsonl", "w") as handle:
@@ -107,28 +86,15 @@ def _texts(count: int) -> list[str]:
     return [f"Question {i}: how would you {verbs[i % 4]} a {things[i % 5]} in {i % 7 + 2} steps?" for i in range(count)]
 
 
-def test_streamed_knn_actors_spread_over_the_nodes_and_match_the_in_memory_search(cluster, tmp_path):
-    import ray
-
-    from training.graph import knn
-    from training.streaming import _read_table, _vectors, knn_edges
+def test_streamed_knn_on_a_cluster_of_nodes_matches_the_in_memory_search(cluster, tmp_path):
+    """Shards written by encoders on several nodes, the graph built by one task on one of them."""
+    from training.neighbours import knn
+    from training.streamed_tasks import knn_edges, read_edges
 
     corpus = _streamed_corpus(tmp_path / "input", _texts(1200), str(tmp_path / "workspace"), num_actors=3, rows_per_shard=100)
-    deadline = time.monotonic() + 120
-    while _live_actors("ShardEncoder") and time.monotonic() < deadline:  # the encoders free their nodes' CPUs
-        time.sleep(0.2)
     embeddings = np.concatenate([corpus.read(s, ["embedding"])["embedding"] for s in range(len(corpus.shards))])
-    context = ray.data.DataContext.get_current()
-    context.wait_for_min_actors_s = 300  # the whole pool up before the first shard: 12 small shards take one actor a moment
-    try:
-        with _ActorNodes("ShardNeighbours") as watcher:
-            edges = knn_edges(corpus, 10, index="exact", num_actors=3)
-    finally:
-        context.wait_for_min_actors_s = -1
-    neighbours = np.concatenate([_vectors(_read_table(f"{edges}/{name}", ["neighbours"]).column("neighbours"), np.int64)
-                                 for name in corpus.shards])
-    assert len(watcher.nodes) >= 2
-    np.testing.assert_array_equal(neighbours, knn(embeddings, 10, index="exact")[0])
+    neighbours, _ = read_edges(corpus, knn_edges(corpus, 10, method="exact"))
+    np.testing.assert_array_equal(neighbours, knn(embeddings, 10, method="exact")[0])
 
 
 def test_streamed_embedding_survives_a_node_removed_mid_job_with_complete_identical_shards(cluster, tmp_path):

@@ -9,13 +9,12 @@ import http.server
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port
 from pydantic import ValidationError
+from serve_fixtures import REPO, deployed, router_artifact
 
 from serve.app.app_config import RouterAppConfig
 from serve.app.protocol import (
@@ -27,8 +26,6 @@ from serve.app.protocol import (
 from serve.backends.failures import BackendFailure, classify
 from serve.backends.pool import payloads
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACT = REPO / "artifacts" / "llmrouter_9model"
 SAMPLE = 100  # test prompts checked against the offline decisions
 
 
@@ -170,20 +167,9 @@ def test_missing_artifact_says_how_to_build_one(tmp_path):
 
 # --- the deployed application --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def artifact_path(tmp_path_factory, shared_data):
-    """The shipped artifact when it loads, else one trained now (1-2 min)."""
-    from serve.core.artifact import ArtifactError, RouterArtifact
-
-    try:
-        RouterArtifact.load(ARTIFACT)
-        return ARTIFACT
-    except ArtifactError:
-        from training.__main__ import main
-
-        path = tmp_path_factory.mktemp("artifact") / "llmrouter_9model"
-        assert main(["fit", "--dataset", "llmrouter_9model", "--out", str(path), "--trainer", "local"]) == 0
-        return path
+    return router_artifact(tmp_path_factory.mktemp("artifact"))
 
 
 @pytest.fixture(scope="module")
@@ -231,17 +217,10 @@ def broken_model(offline):
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, artifact_path, failing_upstream, broken_model):
-    from ray import serve
-
-    from serve.app.builder import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {broken_model: {"kind": "openai", "base_url": failing_upstream, "timeout_s": 10, "max_retries": 1}}
     never_cool = {"allowed_fails": 1000}  # every request routed to the broken model must show the fallback
-    serve.run(build_app({"artifact": str(artifact_path), "backends": backends, "cooldown": never_cool}), name="finerouter", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with deployed({"artifact": str(artifact_path), "backends": backends, "cooldown": never_cool}, "finerouter") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The streamed fit (`python -m training fit --input`): shards hold every training row once, the sharded kNN
-graph and Leiden on one node give the in-memory path's tasks, and the whole fit yields an artifact that routes."""
+"""The streamed fit (`python -m training fit --input`): shards hold every training row once, the kNN graph and
+Leiden built from the shards give the in-memory path's graph and tasks, and the whole fit yields an artifact
+that routes."""
 
 import json
 
@@ -31,7 +32,7 @@ def streamed(ray_session, tmp_path_factory):
     """(corpus, its source TrainingSet, the input folder, the workspace): 300 rows in two files, every tenth a
     test row, cut into shards of at most 70 input rows (three per file)."""
     from serve.core.encoder import DEFAULT_EMBEDDER
-    from training.streaming import embed_corpus
+    from training.corpus import embed_corpus
 
     data = synthetic_routing_set(rows=300)
     folder = write_user_data(tmp_path_factory.mktemp("input"), data, test_every=10)
@@ -46,7 +47,7 @@ def _in_row_order(corpus, column: str) -> np.ndarray:
 
 def test_shards_hold_every_training_row_once_with_the_encoders_embedding(streamed):
     from serve.core.encoder import encode, load_encoder
-    from training.streaming import Corpus, embed_corpus
+    from training.corpus import Corpus, embed_corpus
 
     corpus, data, folder, workspace = streamed
     assert len(corpus.shards) == 6 and corpus.validation_below == pytest.approx(0.2)
@@ -62,25 +63,29 @@ def test_shards_hold_every_training_row_once_with_the_encoders_embedding(streame
     assert "cached" in said[0]  # the same input and encoder: the shards are reused, nothing is embedded again
 
 
-def test_sharded_knn_and_leiden_on_one_node_give_the_in_memory_graph_and_tasks(streamed, tmp_path):
-    import ray
-
+@pytest.mark.parametrize("method", ["exact", "ivf"])
+def test_streamed_knn_and_leiden_give_the_in_memory_graph_and_tasks(streamed, tmp_path, method):
+    from training.corpus import read_table
     from training.fit import task_table
-    from training.graph import knn, leiden, merge_small_communities, task_graph
-    from training.streaming import _discover_tasks, _read_table, _vectors, knn_edges
+    from training.graph import leiden, merge_small_communities, task_graph
+    from training.neighbours import knn
+    from training.streamed_tasks import corpus_tasks, knn_edges, read_edges
 
     corpus = streamed[0]
-    edges = knn_edges(corpus, 10, index="exact", num_actors=2)
-    neighbours = np.concatenate([_vectors(_read_table(f"{edges}/{name}", ["neighbours"]).column("neighbours"), np.int64)
-                                 for name in corpus.shards])
+    seconds = {}
+    edges = knn_edges(corpus, 10, method=method, seed=1, seconds=seconds)
+    neighbours, similarities = read_edges(corpus, edges)
     embeddings, scores = _in_row_order(corpus, "embedding"), _in_row_order(corpus, "scores")
-    expected_neighbours, expected_similarities = knn(embeddings, 10, index="exact")
+    expected_neighbours, expected_similarities = knn(embeddings, 10, method=method, seed=1)
     np.testing.assert_array_equal(neighbours, expected_neighbours)
+    np.testing.assert_array_equal(similarities, expected_similarities)
+    assert set(seconds) == {"knn_read", "knn_build", "knn_write"}
+    assert knn_edges(corpus, 10, method=method, seed=1) == edges  # complete: reused
 
-    labels_path = str(tmp_path / "tasks.parquet")
-    table = ray.get(ray.remote(_discover_tasks).remote(corpus, edges, 0.5, 1.0, 20, 20.0, 0, labels_path))
+    labels_path = str(tmp_path / f"tasks-{method}.parquet")
+    table = corpus_tasks(corpus, edges, 10, mix=0.5, resolution=1.0, min_size=20, shrinkage=20.0, seed=0, labels_path=labels_path)
     expected = merge_small_communities(leiden(task_graph(expected_neighbours, expected_similarities, scores, 0.5), 1.0, 0), embeddings, 20)
-    np.testing.assert_array_equal(_read_table(labels_path, ["task"]).column("task").to_numpy(), expected)
+    np.testing.assert_array_equal(read_table(labels_path, ["task"]).column("task").to_numpy(), expected)
     np.testing.assert_allclose(table, task_table(expected, scores, 20.0))
 
 

@@ -1,4 +1,5 @@
-"""Command line: `python -m training {embed,evaluate,fit,onboard,pool} ...` (see README)."""
+"""Command line: `python -m training {embed,evaluate,fit,label,onboard,pool} ...` (see docs/evaluation.md, docs/scaling.md
+and docs/own_pool.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from serve.core.encoder import DEFAULT_EMBEDDER
 from training.evaluate import SEEDS
 from training.fit import FitConfig
+from training.labelling import add_arguments as add_label_arguments
 from training.splits import PROTOCOLS
 
 
@@ -73,7 +75,7 @@ def _fit_streaming(args) -> None:
     if args.trainer != "ray":
         raise ValueError("--input trains with Ray Train: leave out --trainer local")
     artifact = fit_streaming(args.input, _fit_config(args), workspace=args.workspace, embed_actors=args.embed_actors,
-                             embed_gpus=args.embed_gpus, knn_index=args.knn_index)
+                             embed_gpus=args.embed_gpus, knn_method=args.knn_method)
     artifact.save(args.out)
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {artifact.manifest['training_rows']} training rows")
 
@@ -139,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--workspace", help="--input: where the embedded shards and kNN edges go (default: the cache "
                                          "folder; on a cluster, storage every node reads)")
     fit.add_argument("--knn-on-ray", action="store_true", default=None,
-                     help="--dataset: query the kNN graph on a Ray Data actor pool whatever the size (default: from 100,000 rows)")
-    fit.add_argument("--knn-index", default="auto", help="--input: the faiss index (auto, exact, ivf, hnsw)")
+                     help="--dataset: build the kNN graph in a Ray task on the largest node whatever the size (default: from 100,000 rows)")
+    fit.add_argument("--knn-method", "--knn-index", default="auto",
+                     help="--input: how the kNN graph is built (auto, exact, ivf, nndescent, hnsw, torch: training/neighbours.py)")
     fit.add_argument("--out", type=Path, required=True, help="the artifact directory (written atomically)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--workers", type=int, default=1, help="Ray Train workers")
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--trainer", choices=["ray", "local"], default="ray", help="Ray Train's TorchTrainer, or the same loop in-process")
     fit.add_argument("--holdout", type=float, default=0.0,
                      help="hold out this seeded fraction of the training rows (default 0: train on every one)")
+
+    label = commands.add_parser("label", help="label a prompt log: every pool model's answer, its cost and its judged score "
+                                              "(a Ray Data job), written as a routing table for fit")
+    add_label_arguments(label)
 
     onboard = commands.add_parser("onboard", help="add a model to a trained artifact from a few labelled prompts, nothing retrained")
     onboard.add_argument("--artifact", type=Path, required=True, help="the trained router artifact")
@@ -167,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--out", type=Path, required=True, help="the new artifact directory (written atomically)")
 
     args = parser.parse_args(argv)
+    if args.command == "label":
+        from training.labelling.job import run
+
+        return run(args)
     from training.datasets import DatasetError
 
     try:

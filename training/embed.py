@@ -19,6 +19,7 @@ import numpy as np
 
 from serve.core.encoder import BUNDLED_ALIASES, DEFAULT_EMBEDDER, encode, load_encoder
 from serve.core.paths import cache_dir as cache_root
+from training.cluster import cpus_per_actor
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +71,6 @@ class _EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         embeddings = encode(self.encoder, batch["text"].tolist())
         return {"row": batch["row"], "embedding": embeddings}
-
-
-def cpus_per_actor(num_actors: int) -> int:
-    """Share the cluster's CPUs among the actors, at most one node's worth each so every actor fits.
-
-    Ray sets OMP_NUM_THREADS to an actor's CPU count, so this is also how many threads torch uses there.
-    """
-    import ray
-
-    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
-    return max(1, int(min(max(node_cpus), sum(node_cpus) / num_actors)))
 
 
 def _embed_with_ray_data(texts: Sequence[str], model: str, batch_size: int, num_actors: int,

@@ -1,4 +1,4 @@
-"""The evaluation harness: every router, one protocol, one run (DESIGN.md, "Evaluation protocol").
+"""The evaluation harness: every router, one protocol, one run (docs/evaluation.md, "Training and evaluation").
 
 For each fold a router yields a per-prompt curve: at each cost weight of the sweep, the true cost and score of
 the model it picks for every test prompt. Figures come from the curve's mean points; the paired bootstrap
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,9 +119,12 @@ def _std(values):
     return None if any(v is None for v in values) else float(np.std(values))
 
 
-def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick, answers: AnswerFacts | None = None) -> FoldResult:
+def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick, answers: AnswerFacts | None = None,
+             training_scores: np.ndarray | None = None) -> FoldResult:
     whole = TrainingSet(table, embeddings, answers)
-    train, test_set = whole.subset(fold.train), whole.subset(fold.test)
+    test_set = whole.subset(fold.test)
+    trained_on = whole if training_scores is None else TrainingSet(replace(table, scores=training_scores), embeddings, answers)
+    train = trained_on.subset(fold.train)
     test, test_embeddings = test_set.table, test_set.embeddings
     estimated = train.cost_model.estimate(test.prompt_tokens)
     curves: dict[str, list[Curve]] = {}
@@ -172,10 +175,14 @@ def evaluate(
     bootstrap_samples: int = 1000,
     progress: bool = True,
     answer_embeddings: np.ndarray | None = None,
+    training_scores: np.ndarray | None = None,
 ) -> dict:
-    """Run every router on every fold of `protocol`; return the report (see README, "Evaluation").
+    """Run every router on every fold of `protocol`; return the report (docs/evaluation.md, "Training and
+    evaluation").
     `answer_embeddings` [N, M, D] (`training.answers.embed_answers`) lets the cascades judge the table's
-    recorded answers; without them, or without answers, the cascades reduce to routing (the report says so)."""
+    recorded answers; without them, or without answers, the cascades reduce to routing (the report says so).
+    `training_scores` [N, M], where given, are the labels the routers learn from (a judge's, say) in place of the
+    table's; every test fold is still scored by the table's."""
     answers = None
     if table.responses is not None and answer_embeddings is not None:
         answers = AnswerFacts.of(table.responses, answer_embeddings)
@@ -186,7 +193,8 @@ def evaluate(
     fold_list = folds(table, protocol)
     steps = len(fold_list) * sum(1 if r in REFERENCE_ROUTERS else len(seeds) for r in routers)
     with tqdm(total=steps, desc=f"{table.name}/{protocol}", disable=not progress) as bar:
-        results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update(), answers) for fold in fold_list]
+        results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update(), answers, training_scores)
+                   for fold in fold_list]
 
     pooled_test = _pooled_test(results)
     pooled = {name: _pooled(results, name) for name in routers}

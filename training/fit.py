@@ -54,7 +54,7 @@ class FitConfig:
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 5  # Ray Train: epochs between checkpoints
-    knn_on_ray: bool | None = None  # kNN queries on a Ray Data actor pool; None: from KNN_ON_RAY_FROM_ROWS fit rows
+    knn_on_ray: bool | None = None  # the kNN graph in a Ray task on the largest node; None: from KNN_ON_RAY_FROM_ROWS fit rows
     seed: int = 0
 
 

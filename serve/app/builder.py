@@ -5,7 +5,7 @@
 
 `args` is a `serve.app.app_config.RouterAppConfig` or its dict. The artifact is loaded here once to check it and to
 read the pool before anything deploys; a missing or broken one stops the build with a message saying what
-to do.
+to do (and ends a waiting `serve run`: `serve.app.startup`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from serve.app.access import SpendLedger
 from serve.app.app_config import RouterAppConfig
 from serve.app.deployments import Embedder, Ranker
 from serve.app.ingress import RouterIngress
+from serve.app.startup import stop_serve_run
 from serve.backends.build import build_backends
 from serve.core.artifact import ArtifactError, RouterArtifact
 
@@ -31,6 +32,14 @@ def load_artifact(config: RouterAppConfig) -> RouterArtifact:
 
 
 def build_app(args: RouterAppConfig | dict | None = None) -> Application:
+    try:
+        return _build(args)
+    except ValueError as error:  # a bad config or artifact (ArtifactError, ValidationError): every retry fails alike
+        stop_serve_run(str(error))
+        raise
+
+
+def _build(args: RouterAppConfig | dict | None) -> Application:
     config = args if isinstance(args, RouterAppConfig) else RouterAppConfig.model_validate(args or {})
     artifact = load_artifact(config)
     if config.default_policy == "cascade" and artifact.posthoc is None:
@@ -46,7 +55,7 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
     served = {"artifact": str(artifact.path)}
     return RouterIngress.options(user_config=served).bind(
         Embedder.bind(artifact.embedder, config.embedder),
-        Ranker.options(user_config=served).bind({model: spec.context_window for model, spec in specs.items()}),
+        Ranker.options(user_config=served).bind({model: spec.capabilities for model, spec in specs.items()}),
         engines,
         specs,
         config,

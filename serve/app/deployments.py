@@ -16,8 +16,9 @@ from ray import serve
 from ray.serve.metrics import Histogram
 
 from serve.app.app_config import EmbedderConfig
-from serve.app.protocol import RankedModel, RoutingDecision
+from serve.app.protocol import NOT_A_CANDIDATE, RankedModel, RoutingDecision
 from serve.core.artifact import RouterArtifact
+from serve.core.capabilities import Capabilities, Needs, Shortfall, shortfalls
 from serve.core.cascade import judged_answers, next_step
 from serve.core.encoder import count_tokens, encode, load_encoder
 from serve.core.features import WINDOW_CHARS
@@ -66,21 +67,22 @@ class ServedArtifact:
     artifact: RouterArtifact
     estimator: PostHocEstimator | None
     models: list[str]
-    context_windows: np.ndarray  # [M] tokens each model holds; inf where not checked
+    capabilities: list[Capabilities]  # per pool model
 
 
 @serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512)
 class Ranker:
     """Ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
-    leaving out the models whose context window cannot hold the prompt and the answer; for cascades, judges the
-    answers obtained and takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's.
+    leaving out the models that cannot serve the request (`serve.core.capabilities.shortfall`: a feature the request
+    needs, a context window too small for the prompt and the answer); for cascades, judges the answers obtained and
+    takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's.
 
     The artifact is the deployment's `user_config` (`{"artifact": PATH}`): a new one set in serve.config and
     deployed (`serve deploy`) is loaded by `reconfigure` in the running replicas, no restart, and takes over
     from the next decision; decisions under way finish on the artifact they started with."""
 
-    def __init__(self, context_windows: dict[str, int | None]):
-        self.windows = context_windows  # of every model with a backend, in the pool or declared ahead of it
+    def __init__(self, capabilities: dict[str, Capabilities]):
+        self.backend_capabilities = capabilities  # of every model with a backend, in the pool or declared ahead of it
         self.served: ServedArtifact | None = None
         self.decision_latency = Histogram(
             "finerouter_decision_latency_ms",
@@ -91,21 +93,21 @@ class Ranker:
     def reconfigure(self, user_config: dict) -> None:
         artifact = RouterArtifact.load(user_config["artifact"])
         self.served = ServedArtifact(artifact, artifact.posthoc, artifact.models,
-                                     np.array([self.windows.get(model) or np.inf for model in artifact.models], float))
+                                     [self.backend_capabilities.get(model, Capabilities()) for model in artifact.models])
 
     async def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
                      candidates: list[str] | None = None, max_cost: float | None = None,
-                     output_tokens: int = 0) -> RoutingDecision:
-        return await asyncio.to_thread(self._decide, embedded, text, cost_weight, candidates, max_cost, output_tokens)
+                     needs: Needs = Needs()) -> RoutingDecision:
+        return await asyncio.to_thread(self._decide, embedded, text, cost_weight, candidates, max_cost, needs)
 
     def _decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float, candidates: list[str] | None,
-                max_cost: float | None, output_tokens: int) -> RoutingDecision:
+                max_cost: float | None, needs: Needs) -> RoutingDecision:
         started = time.perf_counter()
         served = self.served
         embedding, prompt_tokens = embedded
-        candidate, fits = self._admissible(served, candidates, prompt_tokens, output_tokens)
-        allowed = candidate & fits
-        # When no candidate fits, rank the candidates anyway, so the answer still says what each one lacks.
+        candidate, lacking = _admissible(served, candidates, needs.with_prompt_tokens(prompt_tokens))
+        allowed = candidate & _capable(lacking)
+        # When no candidate can serve the request, rank the candidates anyway, so the answer still says what each lacks.
         decision = served.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
                                        allowed=allowed if allowed.any() else candidate, cost_cap=max_cost)
         ranking = []
@@ -114,28 +116,21 @@ class Ranker:
             ranking.append(RankedModel(
                 model=served.models[index], predicted_quality=float(decision.quality[0, index]),
                 estimated_cost=float(decision.cost[0, index]), eligible=eligible,
-                ineligible_because=None if eligible else self._why_not(served, index, candidate, fits, prompt_tokens, output_tokens)))
+                ineligible_because=None if eligible else _why_not(candidate[index], lacking[index])))
         elapsed_ms = (time.perf_counter() - started) * 1e3
         self.decision_latency.observe(elapsed_ms)
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms)
 
-    @staticmethod
-    def _admissible(served: ServedArtifact, candidates: list[str] | None, prompt_tokens: int, output_tokens: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """[M] bool each: among the request's candidates; holding the prompt and the answer."""
-        candidate = np.ones(len(served.models), bool) if candidates is None else np.isin(served.models, candidates)
-        return candidate, served.context_windows >= prompt_tokens + output_tokens
-
-    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                     answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         """The next step of a request's cascade: `decision` is its routing decision (the ex-ante estimates and
         costs), `answers` model -> (answer text, embedding of its opening) the answers obtained so far, and
         `unavailable` the models whose backends failed."""
-        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, output_tokens, answers, unavailable)
+        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, needs, answers, unavailable)
 
-    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, output_tokens: int,
+    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         served = self.served
         models = served.models
@@ -150,8 +145,8 @@ class Ranker:
             if model in answers:
                 embeddings[0, index] = answers[model][1]
         ran = np.isin(models, list(answers))[None]
-        candidate, fits = self._admissible(served, candidates, decision.prompt_tokens, output_tokens)
-        allowed = candidate & fits & ~np.isin(models, unavailable)
+        candidate, lacking = _admissible(served, candidates, needs.with_prompt_tokens(decision.prompt_tokens))
+        allowed = candidate & _capable(lacking) & ~np.isin(models, unavailable)
         judgement = next_step(served.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
                               served.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)
         step = judgement.step
@@ -160,11 +155,18 @@ class Ranker:
             answer=models[step.answer[0]] if step.answer[0] >= 0 else None,
             posthoc_quality={model: float(judgement.quality[0, index]) for index, model in enumerate(models) if model in answers})
 
-    @staticmethod
-    def _why_not(served: ServedArtifact, index: int, candidate: np.ndarray, fits: np.ndarray, prompt_tokens: int, output_tokens: int) -> str:
-        if not candidate[index]:
-            return "not among the candidates"
-        if not fits[index]:
-            return (f"context window of {served.context_windows[index]:.0f} tokens < {prompt_tokens} prompt"
-                    f" + {output_tokens} answer tokens")
-        return "over max_cost"
+
+def _admissible(served: ServedArtifact, candidates: list[str] | None, needs: Needs) -> tuple[np.ndarray, list[Shortfall | None]]:
+    """[M] bool: among the request's candidates; and what keeps each model from serving it (None: nothing)."""
+    candidate = np.ones(len(served.models), bool) if candidates is None else np.isin(served.models, candidates)
+    return candidate, shortfalls(served.capabilities, needs)
+
+
+def _capable(lacking: list[Shortfall | None]) -> np.ndarray:
+    return np.array([reason is None for reason in lacking], bool)
+
+
+def _why_not(candidate: bool, lacking: Shortfall | None) -> str:
+    if not candidate:
+        return NOT_A_CANDIDATE
+    return lacking.reason if lacking is not None else "over max_cost"

@@ -24,19 +24,28 @@ from serve.app.app_config import RouterAppConfig
 from serve.app.protocol import (
     APIError,
     ChatCompletionRequest,
+    CompletionRequest,
     ModelList,
     RouteRequest,
     RouteResponse,
-    validation_message,
+    invalid_request,
+    text_completion,
 )
-from serve.app.serving import Caller, RoutedChat, check_limits
+from serve.app.serving import (
+    Caller,
+    ChatResult,
+    RoutedChat,
+    check_limits,
+    text_completion_events,
+)
 from serve.backends.build import BackendSpec
 from serve.backends.pool import PoolBackend
 from serve.core.artifact import RouterArtifact
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = "x-request-id"
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/health/ready"})
+SERVED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/route", "/v1/models", "/v1/backends", "/health", "/health/ready")
 
 
 def _error(error: APIError) -> JSONResponse:
@@ -44,7 +53,7 @@ def _error(error: APIError) -> JSONResponse:
 
 
 class Gate:
-    """The checks before any route reads the body: the API key (every path but /health) and the body's size
+    """The checks before any route reads the body: the API key (every path but the health routes) and the body's size
     (by its Content-Length, and while it is read). It also notes the request id for the logs: Serve's proxy takes
     it from the client's `x-request-id` or makes one, and echoes it in the response."""
 
@@ -114,14 +123,17 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    location = [str(part) for part in error.errors()[0]["loc"] if part != "body"]
-    return _error(APIError(400, validation_message(error.errors()), param=location[0] if location else None))
+    return _error(invalid_request(error.errors()))
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors: a path no route serves (404), a method a route does not take (405), a body over the limit."""
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
-    return _error(APIError(error.status_code, str(error.detail), code=code))
+    message = str(error.detail)
+    if error.status_code == 404:
+        message = f"no route {request.url.path!r}: this router serves {', '.join(SERVED_PATHS)}"
+    return _error(APIError(error.status_code, message, code=code))
 
 
 @app.exception_handler(Exception)
@@ -129,6 +141,14 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     logger.exception("request %s: unexpected error on %s", _request_id(request), request.url.path)
     return _error(APIError(500, f"internal error ({type(error).__name__}); the server log has it under the request id",
                            type="server_error"))
+
+
+def _response(result: ChatResult):
+    """A chat result as the HTTP response. (Defined above the ingress class: `serve.ingress` pickles the routes with the
+    module's names as they are when the class is defined.)"""
+    if result.stream is not None:
+        return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
+    return JSONResponse(result.body, headers=result.headers)
 
 
 def _caller(request: Request) -> Caller:
@@ -160,7 +180,19 @@ class RouterIngress:
 
     @app.get("/health")
     async def health(self) -> dict:
+        """Liveness: the ingress answers (the backends may still be starting; see /health/ready)."""
         return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> dict:
+        """Readiness: 200 once every backend engine answers its health check, else 503 naming those that do not."""
+        states = await self.chat.readiness()
+        waiting = sorted(engine for engine, ready in states.items() if not ready)
+        if waiting:
+            raise APIError(503, f"not ready: the backend engines {waiting} do not answer yet (starting, or failing their "
+                                "health check)", type="service_unavailable", code="not_ready",
+                           retry_after_s=self.config.limits.retry_after_s)
+        return {"status": "ready", "engines": sorted(states)}
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:
@@ -177,12 +209,25 @@ class RouterIngress:
         if body.policy == "cascade":
             raise APIError(400, "policy: /v1/route returns the routing decision alone, and a cascade decides on the models' "
                                 "answers; send the request to /v1/chat/completions", param="policy")
-        decision = await self.chat.route(body.text(), body, body.output_tokens(), _caller(request))
+        decision = await self.chat.route(body.text(), body, body.needs(), _caller(request))
         return RouteResponse(model=decision.eligible_models()[0], **decision.model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        result = await self.chat.chat(body, _caller(request))
+        return _response(await self.chat.chat(body, _caller(request)))
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        """The legacy completions API, answered as a chat of one user message (as LiteLLM's text_completion does
+        for chat models), in the text completion shape."""
+        result = await self.chat.chat(body.as_chat(), _caller(request))
         if result.stream is not None:
-            return StreamingResponse(result.stream, media_type="text/event-stream", headers=result.headers)
-        return JSONResponse(result.body, headers=result.headers)
+            result.stream = text_completion_events(result.stream)
+        else:
+            result.body = text_completion(result.body)
+        return _response(result)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self) -> None:
+        raise APIError(404, "this router serves chat completions (/v1/chat/completions) and the legacy completions; it "
+                            "serves no embeddings", code="not_found")

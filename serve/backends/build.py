@@ -19,9 +19,11 @@ from serve.backends.backend_config import (
     OpenAIBackend,
     VLLMBackend,
 )
+from serve.backends.capabilities import pool_capabilities
 from serve.backends.openai_endpoint import OpenAIEndpoint
 from serve.backends.retry import RetryPolicy
-from serve.backends.stand_in import STAND_IN_MODEL_ID, STAND_IN_NAME, prepare_stand_in
+from serve.backends.stand_in import STAND_IN_MODEL_ID, STAND_IN_NAME, stand_in_source
+from serve.core.capabilities import Capabilities
 from serve.core.paths import cache_dir
 
 LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
@@ -32,7 +34,7 @@ def local_llm_config(engine: LocalEngineConfig):
     from ray.serve.llm import LLMConfig
 
     return LLMConfig(
-        model_loading_config={"model_id": STAND_IN_MODEL_ID, "model_source": engine.model_source or str(prepare_stand_in())},
+        model_loading_config={"model_id": STAND_IN_MODEL_ID, "model_source": str(stand_in_source(engine.model_source))},
         accelerator_config={"kind": "cpu"},
         placement_group_config={"bundles": [{"CPU": 1}]},  # the vLLM worker, pinned to one core
         engine_kwargs={"enforce_eager": True, "max_model_len": engine.max_model_len, "dtype": "bfloat16", **engine.engine_kwargs},
@@ -69,8 +71,8 @@ class BackendSpec:
     served_model: str  # the name the engine knows the model by
     transport: Literal["ray-serve-llm", "openai-http"]
     timeout_s: float
+    capabilities: Capabilities  # what the model can take (its context window among them)
     stand_in: str | None = None
-    context_window: int | None = None  # tokens of prompt plus output the model holds; None: not checked
 
 
 def build_backends(models: list[str], backends: Mapping[str, Backend], local: LocalEngineConfig
@@ -81,21 +83,20 @@ def build_backends(models: list[str], backends: Mapping[str, Backend], local: Lo
 
     engines: dict[str, Any] = {}
     specs: dict[str, BackendSpec] = {}
+    capabilities = pool_capabilities(models, backends, local)
     for model in models:
         backend = backends.get(model, LocalBackend())
         if backend.kind == "local":
             if LOCAL_ENGINE not in engines:
                 engines[LOCAL_ENGINE] = build_llm_deployment(local_llm_config(local), name_prefix="StandIn:")
-            specs[model] = BackendSpec(LOCAL_ENGINE, STAND_IN_MODEL_ID, "ray-serve-llm", local.timeout_s, stand_in=STAND_IN_NAME,
-                                       context_window=backend.context_window or local.max_model_len)
+            specs[model] = BackendSpec(LOCAL_ENGINE, STAND_IN_MODEL_ID, "ray-serve-llm", local.timeout_s,
+                                       capabilities[model], stand_in=STAND_IN_NAME)
         elif backend.kind == "vllm":
             engines[model] = build_llm_deployment(vllm_llm_config(model, backend), name_prefix="VLLM:")
-            specs[model] = BackendSpec(model, model, "ray-serve-llm", backend.timeout_s,
-                                       context_window=backend.context_window or backend.engine_kwargs.get("max_model_len"))
+            specs[model] = BackendSpec(model, model, "ray-serve-llm", backend.timeout_s, capabilities[model])
         else:
             engines[model] = openai_deployment(model, backend)
-            specs[model] = BackendSpec(model, backend.model or model, "openai-http", backend.timeout_s,
-                                       context_window=backend.context_window)
+            specs[model] = BackendSpec(model, backend.model or model, "openai-http", backend.timeout_s, capabilities[model])
     return engines, specs
 
 

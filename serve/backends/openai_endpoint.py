@@ -18,6 +18,7 @@ import httpx
 
 from serve.backends.failures import DROPPED, TIMED_OUT, UNREACHABLE, UNREADABLE
 from serve.backends.retry import TRANSIENT_ERRORS, RetryPolicy, is_request_fault
+from serve.errors import error_body
 
 logger = logging.getLogger("ray.serve")
 LOGGED_BODY_CHARS = 500
@@ -71,8 +72,12 @@ class OpenAIEndpoint:
                 return
             except json.JSONDecodeError as error:
                 self._log(request_id, "not JSON", str(error))
-                yield {"error": {"message": "", "type": UNREADABLE, "param": None, "code": 502}}
+                yield error_body("", UNREADABLE, code=502)
                 return
+
+    async def check_health(self) -> None:
+        """Serve's health check of the replica, and the router's readiness probe: the replica is up. Whether the
+        upstream answers is the cool-down's business, request by request."""
 
     def _log(self, request_id: str | None, what: str, detail: str) -> None:
         logger.warning("request %s: %s%s: %s", request_id or "-", self.client.base_url, what, detail[:LOGGED_BODY_CHARS])
@@ -87,14 +92,14 @@ class OpenAIEndpoint:
 
 def _status_body(status: int, text: str) -> dict:
     """An upstream's HTTP error as an error body: its own message only where the request was at fault."""
-    error = {"message": "", "type": "upstream_error", "param": None, "code": status}
+    body = error_body("", "upstream_error", code=status)
     if is_request_fault(status):
         try:
             upstream = json.loads(text)["error"]
-            error |= {key: upstream[key] for key in ("message", "type", "param") if upstream.get(key) is not None}
+            body["error"] |= {key: upstream[key] for key in ("message", "type", "param") if upstream.get(key) is not None}
         except (ValueError, KeyError, TypeError, AttributeError):  # not an OpenAI error body
-            error["message"] = text
-    return {"error": error}
+            body["error"]["message"] = text
+    return body
 
 
 def _transport_body(error: httpx.TransportError) -> dict:
@@ -104,4 +109,4 @@ def _transport_body(error: httpx.TransportError) -> dict:
         kind, status = UNREACHABLE, 503
     else:
         kind, status = DROPPED, 502
-    return {"error": {"message": "", "type": kind, "param": None, "code": status}}
+    return error_body("", kind, code=status)

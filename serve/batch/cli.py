@@ -7,12 +7,14 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 import serve.batch
 from serve.batch.answers import ANSWER_COLUMNS, Answerer
@@ -20,6 +22,7 @@ from serve.batch.cascade import CASCADE_COLUMNS, BatchCascade
 from serve.batch.output import RowRangeSink, prepare_output
 from serve.batch.ranking import DECISION_COLUMNS, BatchRanker
 from serve.core.artifact import ArtifactError, RouterArtifact
+from serve.core.capabilities import FEATURES, Needs, shortfalls
 from serve.core.decision import POLICIES, PRESETS
 from serve.core.prompt_files import (
     BatchInputError,
@@ -35,13 +38,45 @@ from serve.core.prompt_files import (
 IO_CPUS = 0.25
 
 
-def _allowed(artifact: RouterArtifact, candidates: list[str] | None) -> np.ndarray | None:
-    if candidates is None:
-        return None
-    unknown = sorted(set(candidates) - set(artifact.models))
-    if unknown:
-        raise BatchInputError(f"--candidates: {unknown} not in the pool of {artifact.path} ({artifact.models})")
-    return np.isin(artifact.models, candidates)
+def _allowed(artifact: RouterArtifact, candidates: list[str] | None, needs: list[str] | None,
+             pool_config: str | None) -> np.ndarray | None:
+    """[M] the models a prompt may go to: among `candidates`, and able to serve what every prompt `needs` (by the
+    capabilities that `pool_config`, the app's config, gives the pool: the served app's own rule)."""
+    allowed = np.ones(len(artifact.models), bool)
+    if candidates is not None:
+        unknown = sorted(set(candidates) - set(artifact.models))
+        if unknown:
+            raise BatchInputError(f"--candidates: {unknown} not in the pool of {artifact.path} ({artifact.models})")
+        allowed &= np.isin(artifact.models, candidates)
+    if needs:
+        if pool_config is None:
+            raise BatchInputError("--needs: give --pool-config too (the app's config, e.g. serve.config), which says what each "
+                                  "pool model can do")
+        lacking = shortfalls(list(_pool_capabilities(pool_config, artifact.models).values()),
+                             Needs(**{feature: f"--needs {feature}" for feature in needs}))
+        allowed &= np.array([reason is None for reason in lacking], bool)
+        if not allowed.any():
+            considered = "; ".join(f"{model}: {reason.reason}" for model, reason in zip(artifact.models, lacking) if reason)
+            raise BatchInputError(f"--needs {' '.join(needs)}: no candidate can serve it ({considered})")
+    return None if allowed.all() else allowed
+
+
+def _pool_capabilities(pool_config: str, models: list[str]) -> dict:
+    """The pool's capabilities under the app config in `pool_config` (a Serve config such as serve.config, or its
+    `args`): its `backends` and `local` sections."""
+    from pydantic import TypeAdapter
+
+    from serve.backends.backend_config import Backend, LocalEngineConfig
+    from serve.backends.capabilities import pool_capabilities
+
+    try:
+        document = yaml.safe_load(Path(pool_config).read_text())
+        args = document["applications"][0]["args"] if "applications" in document else document
+        backends = TypeAdapter(dict[str, Backend]).validate_python(args.get("backends") or {})
+        local = LocalEngineConfig.model_validate(args.get("local") or {})
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+        raise BatchInputError(f"--pool-config {pool_config}: not a readable app config ({error})") from None
+    return pool_capabilities(models, backends, local)
 
 
 def _ranker_actors(args: argparse.Namespace, cpus: float) -> tuple[int, float]:
@@ -64,7 +99,7 @@ def _job_description(args: argparse.Namespace, artifact: RouterArtifact, job_inp
     return {
         "input": [[file.path, file.rows] for file in job_input.files],
         "artifact": os.path.abspath(artifact.path), "artifact_checksums": artifact.manifest.get("checksums"),
-        "prompt_column": args.prompt_column, "cost_weight": cost_weight, "candidates": args.candidates,
+        "prompt_column": args.prompt_column, "cost_weight": cost_weight, "candidates": args.candidates, "needs": args.needs,
         "max_cost": args.max_cost, "format": args.format, "policy": args.policy,
         "answers": {"endpoint": args.endpoint, "max_tokens": args.max_tokens} if args.generate else None,
     }
@@ -76,7 +111,7 @@ def build_dataset(args: argparse.Namespace):
     import ray
 
     artifact = RouterArtifact.load(args.artifact)
-    allowed = _allowed(artifact, args.candidates)
+    allowed = _allowed(artifact, args.candidates, args.needs, args.pool_config)
     if args.max_cost is not None and args.max_cost < 0:
         raise BatchInputError(f"--max-cost {args.max_cost}: must be zero or more (USD per prompt)")
     if args.generate and not args.endpoint:
@@ -140,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knob.add_argument("--cost-weight", type=float, help="quality given up to save one call of the pool's dearest model")
     knob.add_argument("--preset", choices=sorted(PRESETS), default="balanced", help="a named cost weight (default balanced)")
     parser.add_argument("--candidates", nargs="+", metavar="MODEL", help="route only among these pool models")
+    parser.add_argument("--needs", nargs="+", choices=FEATURES,
+                        help="what every prompt needs of its model: route only among the models that can (with --pool-config)")
+    parser.add_argument("--pool-config", help="the app's config (serve.config) whose backends say what each pool model can do")
     parser.add_argument("--max-cost", type=float, help="USD cap per prompt (the cheapest candidate stays when none fits)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per routing call (and per read)")
     parser.add_argument("--actors", type=int,
