@@ -29,7 +29,7 @@ class OnboardConfig:
     """How a new model's estimates are formed from its labels (the defaults are chosen on validation slices by
     benchmarks/bench_onboard.py; docs/own_pool_onboard.md has the comparison)."""
 
-    shrinkage: float = 30.0  # labels' worth of the prior mixed into each task's mean label
+    shrinkage: float = 100.0  # labels' worth of the prior mixed into each task's mean label
     profile_ridge: float | None = 10.0  # ridge of the labels' regression on the pool's scores; None: the prior is the mean label
     pool_scores: bool = True  # regress on the pool's own scores of the labelled prompts where the labels have them
     head_ridge: float | None = 30.0  # ridge of the head's correction by the pool's heads; None: the head is the task table alone
