@@ -1,5 +1,5 @@
-"""Command line: `python -m training {embed,evaluate,fit,label} ...` (see docs/evaluation.md, docs/scaling.md and
-docs/own_pool.md)."""
+"""Command line: `python -m training {embed,evaluate,fit,label,onboard,pool} ...` (see docs/evaluation.md, docs/scaling.md
+and docs/own_pool.md)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,44 @@ def _fit_streaming(args) -> None:
     print(f"wrote {args.out}: {artifact.manifest['tasks']} tasks, {len(artifact.models)} models, {artifact.manifest['training_rows']} training rows")
 
 
+def _prices(text: str) -> tuple[float, float]:
+    """"INPUT,OUTPUT" USD per 1M tokens."""
+    try:
+        input_price, output_price = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INPUT,OUTPUT prices in USD per 1M tokens, got {text!r}") from None
+    if min(input_price, output_price) < 0:
+        raise argparse.ArgumentTypeError(f"prices cannot be negative, got {text!r}")
+    return input_price, output_price
+
+
+def _model_prices(text: str) -> tuple[str, tuple[float, float]]:
+    """"MODEL=INPUT,OUTPUT"."""
+    model, separator, prices = text.rpartition("=")
+    if not separator or not model:
+        raise argparse.ArgumentTypeError(f"expected MODEL=INPUT,OUTPUT, got {text!r}")
+    return model, _prices(prices)
+
+
+def _edit_pool(args) -> None:
+    """`onboard` and `pool`: change a trained artifact's pool, nothing retrained (training/onboard.py)."""
+    from serve.core.artifact import RouterArtifact
+    from training import onboard
+
+    artifact = RouterArtifact.load(args.artifact)
+    if args.command == "onboard":
+        labels = onboard.read_labels(args.labels, args.model, artifact)
+        artifact = onboard.onboard(artifact, args.model, labels, prices=args.price)
+        print(f"onboarded {args.model} from {len(labels.scores)} labelled prompts (mean label {labels.scores.mean():.3f})")
+    else:
+        for model in args.remove:
+            artifact = onboard.remove_model(artifact, model)
+        for model, prices in args.price:
+            artifact = onboard.reprice(artifact, model, *prices)
+    artifact.save(args.out)
+    print(f"wrote {args.out}: pool {artifact.models}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +158,21 @@ def main(argv: list[str] | None = None) -> int:
                                               "(a Ray Data job), written as a routing table for fit")
     add_label_arguments(label)
 
+    onboard = commands.add_parser("onboard", help="add a model to a trained artifact from a few labelled prompts, nothing retrained")
+    onboard.add_argument("--artifact", type=Path, required=True, help="the trained router artifact")
+    onboard.add_argument("--model", required=True, help="the new pool model's name (as its backend in serve.config)")
+    onboard.add_argument("--labels", type=Path, required=True,
+                         help="its labelled prompts: .jsonl/.parquet with 'prompt', 'scores' {MODEL: quality} and optional 'costs'")
+    onboard.add_argument("--price", type=_prices, help="INPUT,OUTPUT USD per 1M tokens (default: the cost model of the labels' costs)")
+    onboard.add_argument("--out", type=Path, required=True, help="the new artifact directory (written atomically)")
+
+    pool = commands.add_parser("pool", help="remove models or change prices of a trained artifact, nothing retrained")
+    pool.add_argument("--artifact", type=Path, required=True, help="the trained router artifact")
+    pool.add_argument("--remove", action="append", default=[], metavar="MODEL", help="drop a model from the pool (repeatable)")
+    pool.add_argument("--price", action="append", default=[], type=_model_prices, metavar="MODEL=INPUT,OUTPUT",
+                      help="a model's new prices in USD per 1M tokens (repeatable)")
+    pool.add_argument("--out", type=Path, required=True, help="the new artifact directory (written atomically)")
+
     args = parser.parse_args(argv)
     if args.command == "label":
         from training.labelling.job import run
@@ -128,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.datasets import DatasetError
 
     try:
+        if args.command in ("onboard", "pool"):
+            _edit_pool(args)
+            return 0
         if args.command == "fit" and args.input:
             _fit_streaming(args)
             return 0

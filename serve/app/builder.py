@@ -42,18 +42,20 @@ def build_app(args: RouterAppConfig | dict | None = None) -> Application:
 def _build(args: RouterAppConfig | dict | None) -> Application:
     config = args if isinstance(args, RouterAppConfig) else RouterAppConfig.model_validate(args or {})
     artifact = load_artifact(config)
-    unknown = sorted(set(config.backends) - set(artifact.models))
-    if unknown:
-        raise ValueError(f"backends configured for {unknown}, which are not in the artifact's pool {artifact.models}")
     if config.default_policy == "cascade" and artifact.posthoc is None:
         raise ValueError(f"default_policy cascade: the artifact {artifact.path} has no post-hoc estimator to judge answers with "
                          "(its training data recorded no answers); fit one on a dataset with answers (`python -m training fit "
                          "--dataset routerbench_partial --out ...`), or set default_policy: route")
-    engines, specs = build_backends(artifact.models, config.backends, config.local)
+    # A backend may name a model ahead of the artifact that brings it into the pool (an artifact swap, below).
+    models = artifact.models + [model for model in config.backends if model not in artifact.models]
+    engines, specs = build_backends(models, config.backends, config.local)
     ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
-    return RouterIngress.bind(
+    # The artifact travels as the Ranker's and the ingress's `user_config`: serve.config's `deployments:` entries
+    # can set a new one, which `serve deploy` swaps in place (their `reconfigure`), no replica restarted.
+    served = {"artifact": str(artifact.path)}
+    return RouterIngress.options(user_config=served).bind(
         Embedder.bind(artifact.embedder, config.embedder),
-        Ranker.bind(str(artifact.path), {model: spec.capabilities for model, spec in specs.items()}),
+        Ranker.options(user_config=served).bind({model: spec.capabilities for model, spec in specs.items()}),
         engines,
         specs,
         config,

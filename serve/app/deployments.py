@@ -22,6 +22,7 @@ from serve.core.capabilities import Capabilities, Needs, Shortfall, shortfalls
 from serve.core.cascade import judged_answers, next_step
 from serve.core.encoder import count_tokens, encode, load_encoder
 from serve.core.features import WINDOW_CHARS
+from serve.core.posthoc import PostHocEstimator
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, max_queued_requests=32)
@@ -58,23 +59,41 @@ class CascadeVerdict:
     posthoc_quality: dict[str, float]  # each answer obtained, judged against the others
 
 
+@dataclass(frozen=True)
+class ServedArtifact:
+    """The artifact a Ranker replica decides with, and what it derives from it: replaced whole on a swap, so a
+    decision never mixes two artifacts."""
+
+    artifact: RouterArtifact
+    estimator: PostHocEstimator | None
+    models: list[str]
+    capabilities: list[Capabilities]  # per pool model
+
+
 @serve.deployment(name="Ranker", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512)
 class Ranker:
-    """Loads the artifact once and ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
+    """Ranks the pool with `RouterArtifact.route`, the evaluation's own decision path,
     leaving out the models that cannot serve the request (`serve.core.capabilities.shortfall`: a feature the request
     needs, a context window too small for the prompt and the answer); for cascades, judges the answers obtained and
-    takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's."""
+    takes the next step with `serve.core.cascade.next_step`, the evaluation's and the batch job's.
 
-    def __init__(self, artifact_path: str, capabilities: dict[str, Capabilities]):
-        self.artifact = RouterArtifact.load(artifact_path)
-        self.estimator = self.artifact.posthoc
-        self.models = self.artifact.models
-        self.capabilities = [capabilities.get(model, Capabilities()) for model in self.models]
+    The artifact is the deployment's `user_config` (`{"artifact": PATH}`): a new one set in serve.config and
+    deployed (`serve deploy`) is loaded by `reconfigure` in the running replicas, no restart, and takes over
+    from the next decision; decisions under way finish on the artifact they started with."""
+
+    def __init__(self, capabilities: dict[str, Capabilities]):
+        self.backend_capabilities = capabilities  # of every model with a backend, in the pool or declared ahead of it
+        self.served: ServedArtifact | None = None
         self.decision_latency = Histogram(
             "finerouter_decision_latency_ms",
             description="Time of one routing decision inside the Ranker (features, MoE, ranking).",
             boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50],
         )
+
+    def reconfigure(self, user_config: dict) -> None:
+        artifact = RouterArtifact.load(user_config["artifact"])
+        self.served = ServedArtifact(artifact, artifact.posthoc, artifact.models,
+                                     [self.backend_capabilities.get(model, Capabilities()) for model in artifact.models])
 
     async def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
                      candidates: list[str] | None = None, max_cost: float | None = None,
@@ -84,17 +103,18 @@ class Ranker:
     def _decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float, candidates: list[str] | None,
                 max_cost: float | None, needs: Needs) -> RoutingDecision:
         started = time.perf_counter()
+        served = self.served
         embedding, prompt_tokens = embedded
-        candidate, lacking = self._admissible(candidates, needs.with_prompt_tokens(prompt_tokens))
+        candidate, lacking = _admissible(served, candidates, needs.with_prompt_tokens(prompt_tokens))
         allowed = candidate & _capable(lacking)
         # When no candidate can serve the request, rank the candidates anyway, so the answer still says what each lacks.
-        decision = self.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
+        decision = served.artifact.route(np.asarray(embedding, np.float32)[None, :], [text], np.array([prompt_tokens]), cost_weight,
                                        allowed=allowed if allowed.any() else candidate, cost_cap=max_cost)
         ranking = []
         for index, eligible in zip(decision.order[0], decision.eligible[0]):
             eligible = bool(eligible and allowed[index])
             ranking.append(RankedModel(
-                model=self.models[index], predicted_quality=float(decision.quality[0, index]),
+                model=served.models[index], predicted_quality=float(decision.quality[0, index]),
                 estimated_cost=float(decision.cost[0, index]), eligible=eligible,
                 ineligible_because=None if eligible else _why_not(candidate[index], lacking[index])))
         elapsed_ms = (time.perf_counter() - started) * 1e3
@@ -102,11 +122,6 @@ class Ranker:
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms)
-
-    def _admissible(self, candidates: list[str] | None, needs: Needs) -> tuple[np.ndarray, list[Shortfall | None]]:
-        """[M] bool: among the request's candidates; and what keeps each model from serving it (None: nothing)."""
-        candidate = np.ones(len(self.models), bool) if candidates is None else np.isin(self.models, candidates)
-        return candidate, shortfalls(self.capabilities, needs)
 
     async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                     answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
@@ -117,24 +132,34 @@ class Ranker:
 
     def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
+        served = self.served
+        models = served.models
         by_model = {entry.model: entry for entry in decision.ranking}
-        ex_ante = np.array([[by_model[model].predicted_quality for model in self.models]])
-        cost = np.array([[by_model[model].estimated_cost for model in self.models]])
-        responses = np.array([[answers[model][0] if model in answers else "" for model in self.models]], dtype=object)
-        embeddings = np.zeros((1, len(self.models), self.artifact.embedding_dimension), np.float32)
-        for index, model in enumerate(self.models):
+        if set(by_model) != set(models):
+            raise RuntimeError("the router artifact was swapped during this cascade; send the request again")
+        ex_ante = np.array([[by_model[model].predicted_quality for model in models]])
+        cost = np.array([[by_model[model].estimated_cost for model in models]])
+        responses = np.array([[answers[model][0] if model in answers else "" for model in models]], dtype=object)
+        embeddings = np.zeros((1, len(models), served.artifact.embedding_dimension), np.float32)
+        for index, model in enumerate(models):
             if model in answers:
                 embeddings[0, index] = answers[model][1]
-        ran = np.isin(self.models, list(answers))[None]
-        candidate, lacking = self._admissible(candidates, needs.with_prompt_tokens(decision.prompt_tokens))
-        allowed = candidate & _capable(lacking) & ~np.isin(self.models, unavailable)
-        judgement = next_step(self.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
-                              self.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)
+        ran = np.isin(models, list(answers))[None]
+        candidate, lacking = _admissible(served, candidates, needs.with_prompt_tokens(decision.prompt_tokens))
+        allowed = candidate & _capable(lacking) & ~np.isin(models, unavailable)
+        judgement = next_step(served.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
+                              served.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)
         step = judgement.step
         return CascadeVerdict(
-            next_model=self.models[step.next_model[0]] if step.next_model[0] >= 0 else None,
-            answer=self.models[step.answer[0]] if step.answer[0] >= 0 else None,
-            posthoc_quality={model: float(judgement.quality[0, index]) for index, model in enumerate(self.models) if model in answers})
+            next_model=models[step.next_model[0]] if step.next_model[0] >= 0 else None,
+            answer=models[step.answer[0]] if step.answer[0] >= 0 else None,
+            posthoc_quality={model: float(judgement.quality[0, index]) for index, model in enumerate(models) if model in answers})
+
+
+def _admissible(served: ServedArtifact, candidates: list[str] | None, needs: Needs) -> tuple[np.ndarray, list[Shortfall | None]]:
+    """[M] bool: among the request's candidates; and what keeps each model from serving it (None: nothing)."""
+    candidate = np.ones(len(served.models), bool) if candidates is None else np.isin(served.models, candidates)
+    return candidate, shortfalls(served.capabilities, needs)
 
 
 def _capable(lacking: list[Shortfall | None]) -> np.ndarray:

@@ -40,6 +40,7 @@ from serve.app.serving import (
 )
 from serve.backends.build import BackendSpec
 from serve.backends.pool import PoolBackend
+from serve.core.artifact import RouterArtifact
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = "x-request-id"
@@ -165,6 +166,17 @@ class RouterIngress:
         app.state.max_body_bytes = config.limits.max_body_bytes
         self.config = config
         self.chat = RoutedChat(embedder, ranker, backends, config, ledger, cascades)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The pool of the artifact in `user_config` (`{"artifact": PATH}`, the Ranker's): a new one set in serve.config
+        and deployed (`serve deploy`) changes the pool in place, no restart. Each model needs a backend, configured
+        when the app was built (a `backends` entry may name a model ahead of the artifact that brings it)."""
+        artifact = RouterArtifact.load(user_config["artifact"])
+        missing = [model for model in artifact.models if model not in self.chat.backends]
+        if missing:
+            raise ValueError(f"{user_config['artifact']}: no backend for {missing}; add them under `backends` in the app's args "
+                             f"(or leave them out to use the local stand-in) and deploy that first")
+        self.chat.use_pool(artifact.models, artifact.posthoc is not None)
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -109,12 +109,18 @@ class RoutedChat:
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
                  config: RouterAppConfig, ledger: DeploymentHandle | None = None, cascades: bool = False):
         self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
+        self.pool = list(backends)  # the models served now: the artifact's (`use_pool`); `backends` may hold more
         self.cascades = cascades
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
+    def use_pool(self, models: list[str], cascades: bool) -> None:
+        """Serve these models from now on (a swapped artifact's pool, each with a backend). Requests under way keep
+        their backends: `backends` only grows."""
+        self.pool, self.cascades = list(models), cascades
+
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.backends])
+        return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.pool])
 
     async def readiness(self) -> dict[str, bool]:
         """Engine -> whether it answers its health check now."""
@@ -122,8 +128,8 @@ class RoutedChat:
         return dict(zip(engines, await asyncio.gather(*(backend.ready() for backend in engines.values()))))
 
     def backend_states(self) -> list[dict]:
-        return [{"model": model, "backend": backend.spec.engine, **self.cooldowns.status(backend.spec.engine)}
-                for model, backend in self.backends.items()]
+        return [{"model": model, "backend": self.backends[model].spec.engine, **self.cooldowns.status(self.backends[model].spec.engine)}
+                for model in self.pool]
 
     async def route(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
         """The ranking; 400 naming the field when no candidate can serve the request."""
@@ -147,16 +153,18 @@ class RoutedChat:
 
     async def _rank(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
         if controls.candidates is not None:
-            unknown = sorted(set(controls.candidates) - set(self.backends))
+            unknown = sorted(set(controls.candidates) - set(self.pool))
             if unknown:
-                raise APIError(400, f"unknown candidates {unknown}; the pool is {list(self.backends)}", param="candidates")
+                raise APIError(400, f"unknown candidates {unknown}; the pool is {self.pool}", param="candidates")
         if self.config.access.log_prompts:
             logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
         # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
         embedded = self.embedder.embed.remote(text)
+        # This replica's pool bounds the candidates: while an artifact swap reaches the replicas one by one, the
+        # Ranker may already (or still) know a model this replica does not serve.
         return await self._within_capacity(self.ranker.decide.remote(
-            embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates, controls.max_cost,
-            needs))
+            embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates or self.pool,
+            controls.max_cost, needs))
 
     async def _within_capacity(self, call):
         """The result of a call to the Embedder or the Ranker; 503 when its queue is full."""
@@ -177,7 +185,7 @@ class RoutedChat:
                     return await self._cascade(request, decision, needs, caller)
                 note = NO_ESTIMATOR
             order, cost = decision.eligible_models(), decision.estimated_cost
-        elif request.model in self.backends:
+        elif request.model in self.pool:
             controls = [name for name in RoutingControls.model_fields if getattr(request, name) is not None]
             if controls:
                 raise APIError(400, f"{controls} apply to model {ROUTER_MODEL!r} only; {request.model!r} names a pool model",
@@ -190,7 +198,7 @@ class RoutedChat:
             if self.ledger is not None and caller.key is not None:  # spend is counted on the router's estimate
                 cost = (await self._rank(routing_text(request.messages), RoutingControls(), Needs(), caller)).estimated_cost
         else:
-            raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {list(self.backends)}",
+            raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {self.pool}",
                            param="model", code="model_not_found")
         return await self._answer(request, order, decision, cost, caller, note)
 
