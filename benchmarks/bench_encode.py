@@ -22,7 +22,12 @@ import numpy as np
 import psutil
 import torch
 
-from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder, resolve_model_path
+from serve.core.encoder import (
+    DEFAULT_EMBEDDER,
+    encode,
+    load_encoder,
+    resolve_model_path,
+)
 from training.datasets import load_dataset
 
 
@@ -48,19 +53,34 @@ def weights_mb(name: str) -> float:
     return sum(path.stat().st_size for path in folder.rglob("*.safetensors")) / 2**20
 
 
-def measure(name: str, texts: list[str], call_size: int, batch_sizes: list[int]) -> dict:
+def loaded(name: str) -> tuple[object, dict]:
+    """The encoder, warmed up, and what it takes: its weights on disk and the resident memory its load added."""
     process = psutil.Process()
     before = process.memory_info().rss
     encoder = load_encoder(name, device="cpu")
-    encode(encoder, texts[:8], 8)  # warm-up
+    encode(encoder, ["warm-up"] * 8, 8)
+    return encoder, {"name": name, "dimension": encoder.get_embedding_dimension(), "max_tokens": encoder.max_seq_length,
+                     "weights_mb": weights_mb(name), "rss_mb": (process.memory_info().rss - before) / 2**20}
+
+
+def measure_round(encoder, texts: list[str], call_size: int, batch_sizes: list[int]) -> dict:
     latency = one_at_a_time_ms(encoder, texts)
-    result = {"name": name, "dimension": encoder.get_embedding_dimension(), "max_tokens": encoder.max_seq_length,
-              "weights_mb": weights_mb(name), "rss_mb": (process.memory_info().rss - before) / 2**20,
-              "batch1_mean_ms": float(latency.mean()), "batch1_p50_ms": float(np.median(latency)),
-              "batch1_p95_ms": float(np.percentile(latency, 95)),
-              "rates": {size: prompts_per_second(encoder, texts, call_size, min(size, call_size)) for size in batch_sizes}}
-    del encoder
-    return result
+    return {"batch1_mean_ms": float(latency.mean()), "batch1_p50_ms": float(np.median(latency)),
+            "batch1_p95_ms": float(np.percentile(latency, 95)),
+            "rates": {size: prompts_per_second(encoder, texts, call_size, min(size, call_size)) for size in batch_sizes}}
+
+
+def measure(names: list[str], texts: list[str], call_size: int, batch_sizes: list[int], rounds: int) -> list[dict]:
+    """Every encoder loaded side by side, measured in alternating rounds so that a change in the machine's load
+    falls on all of them; each figure is the median over rounds."""
+    encoders, results = zip(*(loaded(name) for name in names))
+    by_round = [[measure_round(encoder, texts, call_size, batch_sizes) for encoder in encoders] for _ in range(rounds)]
+    for index, result in enumerate(results):
+        runs = [round_results[index] for round_results in by_round]
+        for key in ("batch1_mean_ms", "batch1_p50_ms", "batch1_p95_ms"):
+            result[key] = float(np.median([run[key] for run in runs]))
+        result["rates"] = {size: float(np.median([run["rates"][size] for run in runs])) for size in batch_sizes}
+    return list(results)
 
 
 def main() -> None:
@@ -71,15 +91,16 @@ def main() -> None:
     parser.add_argument("--call-size", type=int, default=32, help="prompts per encode call")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the encoders; figures are medians")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     table = load_dataset(args.dataset)
     texts = [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[: args.prompts]]
-    results = [measure(name, texts, args.call_size, args.batch_sizes) for name in args.embedders]
+    results = measure(args.embedders, texts, args.call_size, args.batch_sizes, args.rounds)
     base = results[0]
     print(f"{len(texts)} test prompts of {args.dataset}, calls of {args.call_size}, {args.threads} torch thread(s); "
-          f"ratios against {base['name']} in the same run\n")
+          f"median of {args.rounds} alternating rounds; ratios against {base['name']} in the same run\n")
     print("| encoder | dimension | max tokens | weights MB | resident MB after load | batch 1 ms/prompt mean (p50, p95) "
           "| vs baseline | " + " | ".join(f"prompts/s at mini-batch {size}" for size in args.batch_sizes) + " |")
     print("|---|---|---|---|---|---|---|" + "---|" * len(args.batch_sizes))
