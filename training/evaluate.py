@@ -144,13 +144,13 @@ def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[st
     return FoldResult(fold.name, test, curves)
 
 
-def _pooled(results: list[FoldResult], name: str) -> Curve:
+def pooled_curve(results: list[FoldResult], name: str) -> Curve:
     """Seed-averaged per-prompt outcomes, concatenated over folds (each prompt is tested once)."""
     parts = [tuple(np.mean([c[i] for c in r.curves[name]], axis=0) for i in (0, 1)) for r in results]
     return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1)
 
 
-def _pooled_test(results: list[FoldResult]) -> RoutingTable:
+def pooled_test_table(results: list[FoldResult]) -> RoutingTable:
     tables = [r.test for r in results]
     first = tables[0]
     return RoutingTable(
@@ -196,8 +196,8 @@ def evaluate(
         results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update(), answers, training_scores)
                    for fold in fold_list]
 
-    pooled_test = _pooled_test(results)
-    pooled = {name: _pooled(results, name) for name in routers}
+    pooled_test = pooled_test_table(results)
+    pooled = {name: pooled_curve(results, name) for name in routers}
     report = {"dataset": table.name, "protocol": protocol, "models": table.models, "routers": {}}
     if answers is None:
         report["note"] = ("no recorded answers: cascades reduce to routing (`cascade`, where asked for, is routing on "

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from serve.core import paths
@@ -41,47 +39,31 @@ def is_prepared(folder: Path) -> bool:
 def prepare_stand_in(cache_dir: Path | None = None) -> Path:
     """Return the HF folder of the stand-in model, converting the GGUF on first use.
 
-    `cache_dir` is the folder that holds model folders (default `<cache root>/models`). The conversion
-    writes into a temporary sibling folder and renames it into place, so a crash or a concurrent
-    preparer never leaves a half-written model behind.
-    """
+    `cache_dir` is the folder that holds model folders (default `<cache root>/models`)."""
     models_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "models"
-    target = models_dir / STAND_IN_MODEL_ID
-    if is_prepared(target):
-        return target
+    return paths.build_folder_once(models_dir / STAND_IN_MODEL_ID, _convert_gguf, is_prepared)
+
+
+def _convert_gguf(folder: Path) -> None:
+    """Dequantize the GGUF into a plain bfloat16 folder (config, tokenizer, safetensors) in `folder`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STAND_IN_MODEL_ID}-", dir=models_dir))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-        # The loaded model keeps its GGUF quantization config and refuses save_pretrained, so copy the
-        # dequantized weights into a clean model built from the same architecture.
-        config = gguf_model.config
-        del config.quantization_config
-        config.dtype = torch.bfloat16  # SmolLM2's native dtype; half the size of float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.load_state_dict(gguf_model.state_dict())
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.model_max_length = config.max_position_embeddings
-        tokenizer.save_pretrained(tmp)
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp and the writers leave owner-only modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if not is_prepared(tmp):
-            raise RuntimeError(f"conversion of {source} wrote an incomplete folder {tmp}")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not is_prepared(target):  # lost a race to another preparer: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    # The loaded model keeps its GGUF quantization config and refuses save_pretrained, so copy the
+    # dequantized weights into a clean model built from the same architecture.
+    config = gguf_model.config
+    del config.quantization_config
+    config.dtype = torch.bfloat16  # SmolLM2's native dtype; half the size of float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(folder)
 
 
 def stand_in_source(model_source: str | None) -> Path:

