@@ -10,13 +10,8 @@ from conftest import stage2_data, synthetic_routing_set
 
 from serve.core.artifact import ArtifactError, RouterArtifact, network_inputs
 from training.fit import FitConfig, fit_router, task_table
-from training.moe import (
-    MixtureOfExperts,
-    NetworkConfig,
-    TaskClassifier,
-    export_weights,
-    train_networks,
-)
+from training.moe import NetworkConfig, export_weights, train_networks
+from training.moe.networks import MixtureOfExperts, TaskClassifier
 
 SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
 
