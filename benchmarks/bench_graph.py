@@ -47,9 +47,8 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 def clustered_embeddings(rows: int, clusters: int, dim: int, seed: int, row_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised float32 rows from `clusters` Gaussian clusters inside DOMAINS subspaces, and their clusters.
 
-    Calibrated at 6k rows on all-MiniLM-L6-v2 embeddings of the llmrouter prompts: median cosine of the
-    10th neighbour 0.42 (real 0.42), local intrinsic dimension 29 (22), IVF recall@10 with 100 lists at
-    nprobe 1/2/4/8 0.51/0.73/0.92/0.98 (0.54/0.71/0.83/0.91: real data has a harder tail).
+    Calibrated at 6k rows against all-MiniLM-L6-v2 embeddings of the llmrouter prompts (10th neighbour's cosine,
+    local intrinsic dimension, IVF recall at a few nprobe; the figures are in docs/scaling.md).
     Clusters of one domain overlap, as benchmarks' prompt styles do; Leiden need not recover them one to one.
     `row_seed` draws the rows with their own seed from the structure `seed` fixes (a corpus written in shards).
     """

@@ -8,7 +8,7 @@ the trained router artifact. `run` (there) measures, each step failing loudly:
 
 - encode: prompts/s of the sentence-transformers encoder on the GPU at large batches in fp16, and that its
   embeddings match the CPU ones;
-- knn: the exact kNN graph of 1e6 prompt-like vectors with `training.graph.torch_knn` (the product's GPU path
+- knn: the exact kNN graph of 1e6 prompt-like vectors with `training.exact_knn.torch_knn` (the product's GPU path
   where faiss has no GPU build), with recall@10 against an exact CPU search of sampled rows;
 - decide: the router's decision (networks and ranking, prompt features aside) on 1e6 prompts, as the Ranker
   and the batch job compute it (`RouterArtifact.predict_inputs` and `serve.core.decision.rank_models`).

@@ -1,4 +1,4 @@
-"""Command line: `python -m training {embed,evaluate,fit} ...` (see README)."""
+"""Command line: `python -m training {embed,evaluate,fit} ...` (see docs/evaluation.md and docs/scaling.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The evaluation harness: every router, one protocol, one run (DESIGN.md, "Evaluation protocol").
+"""The evaluation harness: every router, one protocol, one run (docs/evaluation.md, "Training and evaluation").
 
 For each fold a router yields a per-prompt curve: at each cost weight of the sweep, the true cost and score of
 the model it picks for every test prompt. Figures come from the curve's mean points; the paired bootstrap
@@ -118,7 +118,8 @@ def evaluate(
     progress: bool = True,
     answer_embeddings: np.ndarray | None = None,
 ) -> dict:
-    """Run every router on every fold of `protocol`; return the report (see README, "Evaluation").
+    """Run every router on every fold of `protocol`; return the report (docs/evaluation.md, "Training and
+    evaluation").
     `answer_embeddings` [N, M, D] (`training.answers.embed_answers`) lets the cascades judge the table's
     recorded answers; without them, or without answers, the cascades reduce to routing (the report says so)."""
     answers = None

@@ -13,7 +13,7 @@ def torch_knn(embeddings: np.ndarray, k: int, *, device: str | None = None, bloc
               dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN by blocked matrix products and top-k in torch: (ids [N, k] int64, similarities [N, k] float32),
     the row itself left out as in `knn`. The GPU path where faiss has no GPU build; `device` None picks CUDA
-    when there is one. `dtype` "float16" halves memory and uses tensor cores (similarities to ~1e-3)."""
+    when there is one. `dtype` "float16" halves memory and uses tensor cores (similarities to float16's precision)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ from training.exact_knn import torch_knn
 INDEX_KINDS = ("auto", "exact", "ivf", "hnsw", "torch")
 EXACT_BELOW_ROWS = 100_000
 
-# Approximate indexes, chosen with benchmarks/bench_graph.py on MiniLM-like data (figures in the README).
+# Approximate indexes, chosen with benchmarks/bench_graph.py on MiniLM-like data (figures in docs/scaling.md).
 HNSW_LINKS_PER_NODE = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 24
@@ -198,7 +198,7 @@ def knn(embeddings: np.ndarray, k: int, *, index: str = "auto", use_ray: bool = 
     `resolve_index_kind`). The index is built once; queries run in
     blocks of `block_size` rows, here or (`use_ray=True`) on a Ray Data actor pool, with identical results.
     `seed` fixes IVF's training sample, so "exact" and "ivf" are reproducible; HNSW's multithreaded build is
-    not bit-for-bit (pass index="ivf" where that matters more than ~30% of kNN time).
+    not bit-for-bit (pass index="ivf" where that matters more than HNSW's lower CPU time: docs/scaling.md).
     """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     rows = len(embeddings)

@@ -1,4 +1,4 @@
-"""Cost-quality curves and their summary figures (DESIGN.md, "Evaluation protocol").
+"""Cost-quality curves and their summary figures (docs/evaluation.md, "Training and evaluation": Protocol).
 
 A router traced over a sweep of the cost weight gives points (mean cost, mean quality). Mixing two operating
 points at random reaches every point between them, so what a router can deliver is the upper concave hull

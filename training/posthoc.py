@@ -8,7 +8,7 @@ Two stages, so that each is fitted on data it can trust:
    already obtained, plus a per-model intercept. Its rows pair each answer with random sets of other answers
    seen before it, as a cascade meets them. Being a regression on the slice, it is also the calibration.
 
-NumPy only, no Ray: fitting takes a second.
+NumPy only, no Ray: a few small regressions, fitted in the fit process itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from serve.core.posthoc import (
 )
 
 CONTEXT_SIZES = (0, 1, 2, 3)  # other answers seen, in the stage 2 rows
-ANSWER_L2 = 10.0  # stage 1 ridge penalty (on a sum of log losses over ~2,000 answers per model)
+ANSWER_L2 = 10.0  # stage 1 ridge penalty (on the sum, not the mean, of the log losses over a model's answers)
 COMBINE_L2 = 1.0
 
 

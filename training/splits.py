@@ -1,8 +1,8 @@
 """Train/test protocols: which rows train a router and which rows judge it.
 
-`standard` uses the dataset's own split, `cv` is 5-fold cross-validation over all prompts (one AIQ on ~500
-test prompts has a standard error near 0.02, so headline comparisons use it), `lobo` holds out one
-benchmark at a time, and `ood` trains on the train split and tests on the dataset's out-of-distribution
+`standard` uses the dataset's own split, `cv` is 5-fold cross-validation over all prompts (one AIQ on a single
+test split is too noisy to compare routers by, so headline comparisons use it; docs/evaluation.md), `lobo` holds
+out one benchmark at a time, and `ood` trains on the train split and tests on the dataset's out-of-distribution
 files. Duplicate prompts always land on one side.
 """
 

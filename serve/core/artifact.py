@@ -7,7 +7,7 @@
                                  recorded the models' answers, the post-hoc estimator that judges answers
                                  for cascades (`posthoc_*` arrays, its feature groups in the manifest)
 
-Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Router
+Inference is a few matrix products in NumPy, so the evaluation harness, the batch job and the Ranker
 deployment load this one type and call `route`, which ends in the shared decision rule (or, for cascades,
 `serve.core.cascade.next_step` with `posthoc`).
 """

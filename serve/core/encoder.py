@@ -51,8 +51,8 @@ def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
 def forward_batch_size(encoder: SentenceTransformer) -> int:
     """Prompts per forward pass. sentence-transformers sorts a call's prompts by length and pads each
     mini-batch to its longest; on CPU that padding (and attention's square cost) outweighs what large
-    mini-batches save: 8 encodes about 1.3x the prompts/s of 32-64 on LLMRouter prompts, with 1 or 2 threads
-    (benchmarks/bench_encode.py). A GPU wants large ones."""
+    mini-batches save, so small ones encode more prompts/s (benchmarks/bench_encode.py; figures in
+    docs/operations.md, "Routing latency"). A GPU wants large ones."""
     return 128 if encoder.device.type == "cuda" else 8
 
 

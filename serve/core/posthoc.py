@@ -6,7 +6,7 @@ Two stages (fitted by `training.posthoc`, each on data it can trust):
 2. one logistic regression that combines that answer score with the ex-ante estimate (the prompt-only router's
    prediction) and with the answer's agreement with the answers already obtained, plus a per-model intercept.
 Serving owns the inference, so the evaluation, the batch job and the Ranker judge answers with the same code.
-NumPy only: estimating takes milliseconds.
+NumPy only: a few small matrix products per prompt, cheap beside the answers it judges.
 """
 
 from __future__ import annotations

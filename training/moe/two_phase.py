@@ -19,7 +19,7 @@ from training.moe.networks import (
 @contextmanager
 def single_threaded():
     """Small networks train fastest on one thread: with two on a busy 2-core machine, torch's threads wait
-    on each other and an epoch runs many times slower (README, "Training speed")."""
+    on each other and an epoch runs far slower (docs/evaluation.md, "Training speed")."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

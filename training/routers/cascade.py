@@ -38,7 +38,7 @@ TEXT_AGREEMENT_THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 SCORER_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # The post-hoc features kept: the answer's embedding, length and format checks
 # (`serve.core.posthoc.FEATURE_GROUPS`) did not earn their place on held-out validation
-# (benchmarks/posthoc_features.py, README).
+# (benchmarks/posthoc_features.py, docs/evaluation.md).
 DEFAULT_GROUPS = ("agreement", "text_agreement", "ex_ante")
 RESOLUTION_SCALES = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
