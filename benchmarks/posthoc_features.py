@@ -24,15 +24,16 @@ from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.metrics import curve_aiq
 from training.routers.base import ArtifactRouter, TrainingSet, validation_score
-from training.routers.cascade import DEFAULT_GROUPS, CascadeRoutingPolicy
+from training.routers.cascade import DEFAULT_GROUPS, CascadeRouter
 from training.routers.finerouter import evaluation_fit
 from training.splits import training_rows
 
 
-def log_loss(policy: CascadeRoutingPolicy, held_out: TrainingSet, seed: int) -> float:
+def log_loss(policy: CascadeRouter, held_out: TrainingSet, seed: int) -> float:
     scores = held_out.table.scores
     seen = np.random.default_rng(seed).random(scores.shape) < 0.3
-    estimate = np.clip(policy.estimator.estimate(policy.ex_ante(held_out), held_out.answers, agreement(held_out.answers), seen), 1e-6, 1 - 1e-6)
+    ex_ante = policy.predict_quality(held_out.embeddings, held_out.table.prompts)
+    estimate = np.clip(policy.estimator.estimate(ex_ante, held_out.answers, agreement(held_out.answers), seen), 1e-6, 1 - 1e-6)
     return float(-(scores * np.log(estimate) + (1 - scores) * np.log(1 - estimate)).mean())
 
 
@@ -55,8 +56,8 @@ def main() -> None:
         development, held_out = data.validation_split(seed + 1000)
         routed.append(validation_score(ArtifactRouter(evaluation_fit(development, seed)), development, held_out))
         for name, groups in variants.items():
-            policy = CascadeRoutingPolicy(development, seed, groups)  # FineRouter is fitted once per seed and shared
-            results[name][0].append(curve_aiq(policy.trace(held_out), held_out.table.costs))
+            policy = CascadeRouter(development, seed, groups)  # FineRouter is fitted once per seed and shared
+            results[name][0].append(curve_aiq(policy.curve(development, held_out), held_out.table.costs))
             results[name][1].append(log_loss(policy, held_out, seed))
             print(f"seed {seed} {name}: AIQ {results[name][0][-1]:.4f}, log loss {results[name][1][-1]:.4f}", flush=True)
     print(f"| features ({args.dataset}, held-out slice of train) | cascade AIQ, mean ± std over {args.seeds} seeds "

@@ -87,6 +87,16 @@ def synthetic_routing_set(rows: int = 400, clusters: int = 4, seed: int = 0):
     return TrainingSet(table, embeddings)
 
 
+def small_fit_config(epochs: int = 15, task_epochs: int = 5, **fields):
+    """The FitConfig the tests fit with: one Stage 1 setting, small tasks, a few epochs, in-process (Ray Train
+    with `trainer="ray"`); `fields` replace others."""
+    from training.fit import FitConfig
+    from training.moe import NetworkConfig
+
+    settings = {"ks": (10,), "mixes": (0.5,), "resolutions": (1.0,), "min_task_size": 10, "trainer": "local", **fields}
+    return FitConfig(**settings, network=NetworkConfig(epochs=epochs, task_epochs=task_epochs))
+
+
 def stage2_data(data, tasks: int = 2) -> dict:
     """Stage 2's training input from a TrainingSet: its fit part with `tasks` round-robin task labels, and its
     validation part."""

@@ -4,14 +4,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import synthetic_routing_set
+from conftest import small_fit_config, synthetic_routing_set
+from fakes import FakeUpstream, serving
 
 from serve.backends.retry import RetryPolicy
 from serve.batch import answers, cli
@@ -19,10 +19,8 @@ from serve.batch.output import MANIFEST, missing_ranges
 from serve.batch.ranking import DECISION_COLUMNS
 from serve.core.artifact import RouterArtifact
 from serve.core.decision import PRESETS
-from training.fit import FitConfig, fit_router
-from training.moe import NetworkConfig
+from training.fit import fit_router
 
-SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
     "def add(a, b): return a + b  # why does this fail on strings?",
@@ -36,7 +34,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def artifact_dir(tmp_path_factory):
-    return fit_router(synthetic_routing_set(), SMALL, log=lambda message: None).save(tmp_path_factory.mktemp("batch") / "router")
+    return fit_router(synthetic_routing_set(), small_fit_config(), log=lambda message: None).save(tmp_path_factory.mktemp("batch") / "router")
 
 
 @pytest.fixture(scope="module")
@@ -106,42 +104,28 @@ def test_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
 # --- answers: the HTTP client against a real local server --------------------------------------------------
 
 
-class _ScriptedEndpoint(BaseHTTPRequestHandler):
+class _ScriptedEndpoint(FakeUpstream):
     """Answers /v1/chat/completions by the requested model's name: `flaky` fails twice with 503 first,
     `missing` is a 404, `garbled` returns a body that is not a chat completion, `slow` sleeps past the timeout."""
 
-    calls: dict[str, int] = {}
+    calls: ClassVar[dict[str, int]] = {}
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         model = body["model"]
         self.calls[model] = self.calls.get(model, 0) + 1
         if self.path != "/v1/chat/completions":
-            return self._reply(404, {"error": {"message": f"no route {self.path}"}})
+            return self.reply(404, {"error": {"message": f"no route {self.path}"}})
         if model == "flaky" and self.calls[model] <= 2:
-            return self._reply(503, {"error": {"message": "overloaded"}})
+            return self.reply(503, {"error": {"message": "overloaded"}})
         if model == "missing":
-            return self._reply(404, {"error": {"message": f"The model `{model}` does not exist."}})
+            return self.reply(404, {"error": {"message": f"The model `{model}` does not exist."}})
         if model == "garbled":
-            return self._reply(200, {"choices": []})
+            return self.reply(200, {"choices": []})
         if model == "slow":
             time.sleep(1.5)
         content = f"{body['messages'][0]['content']} / {self.headers.get('Authorization')} / {body['max_tokens']}"
-        self._reply(200, {"model": f"served-{model}", "choices": [{"message": {"role": "assistant", "content": content}}]})
-
-    def _reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except BrokenPipeError:  # the client gave up on `slow`, as the test means it to
-            pass
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, self.completion(f"served-{model}", content))
 
 
 FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01)
@@ -149,12 +133,9 @@ FAST_RETRY = RetryPolicy(retries=3, backoff_s=0.01)
 
 @pytest.fixture
 def endpoint():
-    _ScriptedEndpoint.calls = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedEndpoint)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    _ScriptedEndpoint.calls = {}  # each test counts its own calls
+    with serving(_ScriptedEndpoint) as url:
+        yield url
 
 
 def test_answer_posts_the_routed_model_and_retries_transient_failures(endpoint, monkeypatch):

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import synthetic_routing_set
+from conftest import small_fit_config, synthetic_routing_set
 
 from serve.core.answer_facts import (
     AnswerFacts,
@@ -140,13 +140,11 @@ def test_the_artifact_carries_the_post_hoc_estimator_and_reads_older_ones_withou
     import json
 
     from serve.core.artifact import ArtifactError, RouterArtifact
-    from training.fit import FitConfig, fit_router
-    from training.moe import NetworkConfig
+    from training.fit import fit_router
     from training.routers.cascade import fit_cascade_estimator
 
     data = answered_set(rows=300)
-    config = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local",
-                       network=NetworkConfig(epochs=5, task_epochs=2))
+    config = small_fit_config(epochs=5, task_epochs=2)
     router = fit_router(data, config, log=lambda message: None)
     estimator, scale = fit_cascade_estimator(router, data, config.seed)
     path = router.with_posthoc(estimator, {"resolution_scale": scale}).save(tmp_path / "router")

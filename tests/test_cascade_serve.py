@@ -7,17 +7,16 @@ the model's recorded answer to each prompt.
 """
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import free_port, small_fit_config
+from fakes import FakeUpstream, serving
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +55,9 @@ def sample(shared_data):
 
 @pytest.fixture(scope="module")
 def artifact_dir(sample, tmp_path_factory):
-    from training.fit import FitConfig
-    from training.moe import NetworkConfig
     from training.routers.cascade import fit_with_cascades
 
-    config = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local",
-                       network=NetworkConfig(epochs=10, task_epochs=3))
+    config = small_fit_config(epochs=10, task_epochs=3)
     artifact = fit_with_cascades(sample[0], config, log=lambda message: None)
     estimator = replace(artifact.posthoc, resolution=np.full_like(artifact.posthoc.resolution, RESOLUTION))
     return artifact.with_posthoc(estimator, artifact.manifest["posthoc"]).save(tmp_path_factory.mktemp("cascade") / "router")
@@ -86,43 +82,26 @@ def expected_runs(outcome, row) -> list[str]:
     return [POOL[model] for model in outcome.runs[row] if model >= 0]
 
 
-class RecordedAnswers(BaseHTTPRequestHandler):
+class RecordedAnswers(FakeUpstream):
     """An OpenAI-compatible upstream that answers each pool model with its recorded answer to the prompt. A prompt
     it has no answers for is answered by the cheapest model alone; the others fail with HTTP 500."""
 
     answers: ClassVar[dict[tuple[str, str], str]] = {}
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         text = self.answers.get((body["model"], body["messages"][-1]["content"]), "B" if body["model"] == POOL[0] else None)
         if text is None:
-            self.send_response(500)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = json.dumps({"id": "replay", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return self.reply(500)
+        self.reply(200, self.completion(body["model"], text))
 
 
 @pytest.fixture(scope="module")
 def upstream(offline):
     texts, responses, _ = offline
     RecordedAnswers.answers = {(model, prompt): responses[row, column] for row, prompt in enumerate(texts) for column, model in enumerate(POOL)}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordedAnswers)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    with serving(RecordedAnswers) as url:
+        yield url
 
 
 def test_the_batch_job_takes_the_evaluation_s_steps(tmp_path, capsys, ray_session, artifact_dir, offline, upstream):

@@ -6,19 +6,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import stage2_data, synthetic_routing_set
+from conftest import small_fit_config, stage2_data, synthetic_routing_set
 
 from serve.core.artifact import ArtifactError, RouterArtifact, network_inputs
-from training.fit import FitConfig, fit_router, task_table
-from training.moe import (
-    MixtureOfExperts,
-    NetworkConfig,
-    TaskClassifier,
-    export_weights,
-    train_networks,
-)
-
-SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local", network=NetworkConfig(epochs=15, task_epochs=5))
+from training.fit import fit_router, task_table
+from training.moe import NetworkConfig, export_weights, train_networks
+from training.moe.networks import MixtureOfExperts, TaskClassifier
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def artifact(data):
-    return fit_router(data, SMALL, log=lambda message: None)
+    return fit_router(data, small_fit_config(), log=lambda message: None)
 
 
 def test_moe_loss_falls(data):

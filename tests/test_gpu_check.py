@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_routing_set
+from conftest import small_fit_config, synthetic_routing_set
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -25,11 +25,10 @@ def test_run_refuses_unprepared_assets(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, shared_data):
-    from training.fit import FitConfig, fit_router
-    from training.moe import NetworkConfig
+    from training.fit import fit_router
 
     folder = tmp_path_factory.mktemp("gpu_check")
-    small = FitConfig(ks=(10,), mixes=(0.0,), resolutions=(1.0,), trainer="local", network=NetworkConfig(epochs=2, task_epochs=1))
+    small = small_fit_config(epochs=2, task_epochs=1, mixes=(0.0,))
     artifact = fit_router(synthetic_routing_set(), small, log=lambda message: None).save(folder / "trained")
     gpu_check.prepare(folder / "assets", artifact, "llmrouter_9model", prompts=300)
     return folder / "assets"

@@ -1,9 +1,10 @@
 """The endpoint under abuse and faults: API keys, limits, fuzzing from its own OpenAPI schema, upstream failures of
 every kind, a killed backend replica, cool-down, spend limits and a 1 MB adversarial prompt.
 
-One app serves the whole module: a small synthetic artifact (pool `big`, `mid`, `small`) whose models are
-`openai` backends. `big` and `mid` call a scripted upstream in this process that fails as a marker in the prompt
-says; `small` points at a port where nothing listens until the cool-down test starts a server there.
+One app serves the module: a small synthetic artifact (pool `big`, `mid`, `small`) whose models are `openai`
+backends. `big` and `mid` call a scripted upstream in this process that fails as a marker in the prompt says;
+`small` points at a port where nothing listens. Its backends never cool down, so no test's failures change what
+another test sees; the cool-down test runs an app of its own.
 """
 
 import json
@@ -13,32 +14,31 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import schemathesis
-from conftest import free_port, synthetic_routing_set
+from conftest import free_port, small_fit_config, synthetic_routing_set
+from fakes import FakeUpstream, serving
 from hypothesis import HealthCheck, given, settings, strategies
 
-from training.fit import FitConfig, fit_router
-from training.moe import NetworkConfig
+from training.fit import fit_router
 
 pytestmark = pytest.mark.slow
 
 KEY, SPENDER_KEY = f"sk-test-{uuid.uuid4().hex}", f"sk-spender-{uuid.uuid4().hex}"
 SECRET_PROMPT = f"confidential-{uuid.uuid4().hex}"
 BACKEND_TIMEOUT_S = 2.0
+REMOTE = {"kind": "openai", "timeout_s": BACKEND_TIMEOUT_S, "max_retries": 1, "retry_backoff_s": 0.05}
 SPEND_LIMIT_USD = 0.5  # per key: the spend test's long prompts reach it in a few calls, the other tests' short ones never
+NEVER_COOL = {"allowed_fails": 1000}
 COOLDOWN = {"allowed_fails": 3, "window_s": 120, "cooldown_s": 2}
 LIMITS = {"max_body_bytes": 2 * 2**20, "max_messages": 8, "max_tokens": 256, "max_n": 2}
-SMALL = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), min_task_size=10, trainer="local",
-                  network=NetworkConfig(epochs=15, task_epochs=5))
 FAULT = re.compile(r"fault=(\w+):(\w+)")
 
 
-class ScriptedUpstream(BaseHTTPRequestHandler):
+class ScriptedUpstream(FakeUpstream):
     """An OpenAI-compatible upstream. A prompt holding `fault=KIND:ID` makes the first model that sees ID fail
     every call for it in that way (so the router's retry on the same model fails too, and the next model, which
     answers normally, is what the client gets); `slow=SECONDS` delays the answer."""
@@ -49,7 +49,7 @@ class ScriptedUpstream(BaseHTTPRequestHandler):
     lock = threading.Lock()
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         prompt = body["messages"][-1]["content"]
         fault = FAULT.search(prompt)
         if fault:
@@ -71,7 +71,7 @@ class ScriptedUpstream(BaseHTTPRequestHandler):
     def _fail(self, kind, body):
         if kind == "timeout":
             time.sleep(BACKEND_TIMEOUT_S * 2)
-            return self._reply(200, {"choices": []})
+            return self.reply(200, {"choices": []})
         if kind == "drop":
             if body.get("stream"):
                 self._start(200, "text/event-stream")
@@ -84,15 +84,13 @@ class ScriptedUpstream(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return None
         status = int(kind)
-        return self._reply(status, {"error": {"message": f"upstream {status} at http://10.9.8.7:1234/internal, key sk-upstream",
+        return self.reply(status, {"error": {"message": f"upstream {status} at http://10.9.8.7:1234/internal, key sk-upstream",
                                               "type": "invalid_request_error" if status == 400 else "server_error"}})
 
     def _answer(self, body, prompt):
         text = f"{body['model']} says: {prompt[:40]}"
         if not body.get("stream"):
-            return self._reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return self.reply(200, self.completion(body["model"], text))
         self._start(200, "text/event-stream")
         for piece in (text[:10], text[10:]):
             self._send_chunk(self._chunk(body, piece))
@@ -119,57 +117,39 @@ class ScriptedUpstream(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
 
-    def _reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self._start(status, "application/json", length=len(data))
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the router gave up on a `timeout`, as meant
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-def _serve_http(port=0):
-    server = ThreadingHTTPServer(("127.0.0.1", port), ScriptedUpstream)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 @pytest.fixture(scope="module")
 def upstream():
-    server = _serve_http()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    with serving(ScriptedUpstream) as url:
+        yield url
+
+
+def pool_backends(upstream: str, refused_port: int) -> dict:
+    """`big` and `mid` on the scripted upstream, `small` on a port where nothing listens (yet)."""
+    return {"big": {**REMOTE, "base_url": upstream}, "mid": {**REMOTE, "base_url": upstream, "context_window": 4096},
+            "small": {**REMOTE, "base_url": f"http://127.0.0.1:{refused_port}/v1"}}
 
 
 @pytest.fixture(scope="module")
-def refused_port():
-    """Where `small`'s backend points: nothing listens there until the cool-down test starts a server."""
-    port = free_port()
-    yield port
+def artifact(tmp_path_factory):
+    return fit_router(synthetic_routing_set(), small_fit_config(), log=lambda message: None).save(tmp_path_factory.mktemp("hardening") / "router")
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_session, tmp_path_factory, upstream, refused_port):
+def base_url(ray_session, tmp_path_factory, artifact, upstream):
     from ray import serve
 
     from serve.app.builder import build_app
 
-    folder = tmp_path_factory.mktemp("hardening")
-    artifact = fit_router(synthetic_routing_set(), SMALL, log=lambda message: None).save(folder / "router")
-    (folder / "keys").write_text(f"{KEY}\n{SPENDER_KEY}\n")
-    remote = {"kind": "openai", "timeout_s": BACKEND_TIMEOUT_S, "max_retries": 1, "retry_backoff_s": 0.05}
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text(f"{KEY}\n{SPENDER_KEY}\n")
     config = {
         "artifact": str(artifact),
-        "backends": {"big": {**remote, "base_url": upstream}, "mid": {**remote, "base_url": upstream, "context_window": 4096},
-                     "small": {**remote, "base_url": f"http://127.0.0.1:{refused_port}/v1"}},
-        "access": {"api_keys_file": str(folder / "keys"), "spend_limit_usd": SPEND_LIMIT_USD, "spend_period_s": 86400},
+        "backends": pool_backends(upstream, free_port()),
+        "access": {"api_keys_file": str(keys), "spend_limit_usd": SPEND_LIMIT_USD, "spend_period_s": 86400},
         "limits": LIMITS,
-        "cooldown": COOLDOWN,
+        "cooldown": NEVER_COOL,
     }
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -210,12 +190,6 @@ def wait_for(condition, what, limit_s=60):
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {limit_s} s")
         time.sleep(0.2)
-
-
-@pytest.fixture
-def none_cooling(api):
-    """Faults before this test may have cooled `big` or `mid` down: wait until both take requests again."""
-    wait_for(lambda: all(backend_states(api)[model] != "cooling_down" for model in ("big", "mid")), "the cool-down ending")
 
 
 def first_two(api, prompt):
@@ -323,23 +297,28 @@ def test_a_model_whose_context_window_cannot_hold_the_request_is_not_eligible(ap
 
 
 def test_a_1mb_adversarial_prompt_does_not_hold_up_a_normal_request(api):
+    """A normal request is answered while a 1 MB one is still in progress: the big body's second half is held back
+    until the normal answer is in, so the normal request is answered during the big one or not at all."""
     normal = {"prompt": "Write a haiku about autumn leaves.", "preset": "balanced"}
-    baseline = []
-    for _ in range(3):
-        started = time.perf_counter()
-        expected = api.post("/v1/route", json=normal)
-        baseline.append(time.perf_counter() - started)
-    adversarial = {"prompt": "a(" * 500_000, "preset": "balanced"}
-    with ThreadPoolExecutor(2) as pool:
-        big = pool.submit(api.post, "/v1/route", json=adversarial)
-        time.sleep(0.05)  # let the big one get in first
-        started = time.perf_counter()
+    expected = api.post("/v1/route", json=normal)
+    body = json.dumps({"prompt": "a(" * 500_000, "preset": "balanced"}).encode()
+    first_half_sent, normal_answered = threading.Event(), threading.Event()
+
+    def held_back():
+        yield body[: len(body) // 2]
+        first_half_sent.set()
+        normal_answered.wait(timeout=60)  # bounded: if the normal request is held up, the big one still ends
+        yield body[len(body) // 2:]
+
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(api.post, "/v1/route", content=held_back(), headers={"Content-Type": "application/json"})
+        assert first_half_sent.wait(timeout=60)
         answer = api.post("/v1/route", json=normal)
-        elapsed = time.perf_counter() - started
+        big_in_progress = not big.done()
+        normal_answered.set()
         big = big.result()
-    assert answer.status_code == 200 and answer.json()["ranking"] == expected.json()["ranking"]
+    assert big_in_progress and answer.status_code == 200 and answer.json()["ranking"] == expected.json()["ranking"]
     assert big.status_code == 200 and big.json()["prompt_tokens"] > 500_000
-    assert elapsed < 10 * max(baseline), (elapsed, baseline)
 
 
 # --- fuzzing from the served OpenAPI schema ---------------------------------------------------------------------
@@ -390,7 +369,7 @@ def test_a_normal_request_succeeds_after_the_abuse(api):
 
 @pytest.mark.parametrize("kind, reason", [("500", "HTTP 500"), ("401", "HTTP 401"), ("404", "HTTP 404"), ("503", "HTTP 503"),
                                           ("timeout", "no answer within"), ("drop", "connection dropped")])
-def test_an_upstream_failure_hands_the_request_to_the_next_model(api, none_cooling, kind, reason):
+def test_an_upstream_failure_hands_the_request_to_the_next_model(api, kind, reason):
     prompt = f"Tell me a fact. fault={kind}:{uuid.uuid4().hex}"
     first, second = first_two(api, prompt)
     response = ask(api, prompt, candidates=["big", "mid"], preset="quality")
@@ -402,12 +381,12 @@ def test_an_upstream_failure_hands_the_request_to_the_next_model(api, none_cooli
     assert "10.9.8.7" not in response.text and "sk-upstream" not in response.text  # upstream text stays in the log
 
 
-def test_an_upstream_refusal_of_the_request_comes_back_as_400(api, none_cooling):
+def test_an_upstream_refusal_of_the_request_comes_back_as_400(api):
     error = assert_openai_error(ask(api, f"fault=400:{uuid.uuid4().hex}", candidates=["big", "mid"]), 400)
     assert "refused the request" in error["message"] and "10.9.8.7" not in error["message"]
 
 
-def test_a_stream_dropped_midway_ends_with_an_error_event(api, none_cooling):
+def test_a_stream_dropped_midway_ends_with_an_error_event(api):
     prompt = f"Stream me. fault=drop:{uuid.uuid4().hex}"
     first, _ = first_two(api, prompt)
     response = ask(api, prompt, stream=True, candidates=["big", "mid"], preset="quality")
@@ -417,10 +396,28 @@ def test_a_stream_dropped_midway_ends_with_an_error_event(api, none_cooling):
     assert error["message"] == f"{first} failed mid-stream: connection dropped"
 
 
-def test_a_refused_backend_cools_down_and_recovers(api, refused_port):
+@pytest.fixture
+def cooling_api(base_url, artifact, upstream):
+    """An app of the cool-down test's own (under /cooling), whose backends cool down after COOLDOWN["allowed_fails"]
+    failures: no other test's requests count toward its cool-down state. Yields a client and the port `small`'s
+    backend points at."""
+    from ray import serve
+
+    from serve.app.builder import build_app
+
+    refused_port = free_port()
+    config = {"artifact": str(artifact), "backends": pool_backends(upstream, refused_port), "cooldown": COOLDOWN}
+    serve.run(build_app(config), name="cooling", route_prefix="/cooling")
+    try:
+        with httpx.Client(base_url=f"{base_url}/cooling", timeout=120) as client:
+            yield client, refused_port
+    finally:
+        serve.delete("cooling")
+
+
+def test_a_refused_backend_cools_down_and_recovers(cooling_api):
+    api, refused_port = cooling_api
     cheap_first = {"candidates": ["small", "mid"], "cost_weight": 10}  # the price term puts `small` first
-    # Requests of earlier tests that were routed to `small` count too: fail it until it cools down.
-    wait_for(lambda: backend_states(api)["small"] != "cooling_down", "an earlier cool-down ending")
     for attempt in range(COOLDOWN["allowed_fails"] + 1):
         if backend_states(api)["small"] == "cooling_down":
             break
@@ -433,18 +430,14 @@ def test_a_refused_backend_cools_down_and_recovers(api, refused_port):
     assert_openai_error(named, 503, code="backends_unavailable")
     assert int(named.headers["retry-after"]) >= 1
 
-    server = _serve_http(refused_port)  # the backend comes back
-    try:
+    with serving(ScriptedUpstream, refused_port):  # the backend comes back
         wait_for(lambda: backend_states(api)["small"] == "probing", "the cool-down ending")
         probe = ask(api, "hello", **cheap_first).json()
         assert probe["model"] == "small" and probe["routing"]["fallbacks"] == []
         assert backend_states(api)["small"] == "available"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
-def test_a_backend_replica_killed_mid_request_loses_no_request(api, none_cooling):
+def test_a_backend_replica_killed_mid_request_loses_no_request(api):
     import ray
 
     prompt = "Take your time. slow=1.5"

@@ -5,14 +5,13 @@ an OpenAI endpoint that answers every request with HTTP 500, so that the routed 
 fallback to the next model.
 """
 
-import http.server
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import yaml
+from fakes import FakeUpstream, serving
 from pydantic import ValidationError
 from serve_fixtures import REPO, deployed, router_artifact
 
@@ -188,23 +187,15 @@ def offline(artifact_path):
     return artifact, texts, embeddings, table.prompt_tokens[rows]
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
+class _Failing(FakeUpstream):
     def do_POST(self):
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"error": {"message": "upstream overloaded", "type": "server_error"}}')
-
-    def log_message(self, *args):
-        pass
+        self.reply(500, {"error": {"message": "upstream overloaded", "type": "server_error"}})
 
 
 @pytest.fixture(scope="module")
 def failing_upstream():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serving(_Failing) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_routing_set
+from conftest import small_fit_config, synthetic_routing_set
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +90,10 @@ def test_streamed_knn_and_leiden_give_the_in_memory_graph_and_tasks(streamed, tm
 
 
 def test_streamed_fit_writes_an_artifact_that_routes(streamed, tmp_path):
-    from training.fit import FitConfig
-    from training.moe import NetworkConfig
     from training.streaming import fit_streaming
 
     corpus, data, folder, workspace = streamed
-    config = FitConfig(ks=(10,), mixes=(0.5,), resolutions=(1.0,), network=NetworkConfig(epochs=3, task_epochs=1))
+    config = small_fit_config(epochs=3, task_epochs=1, trainer="ray")
     artifact = fit_streaming(str(folder), config, workspace=workspace, log=lambda message: None)
     assert artifact.models == data.table.models and artifact.manifest["training_rows"] == corpus.rows
     streamed = artifact.manifest["validation"]["streamed"]

@@ -11,12 +11,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from serve.core.atomic import atomic_file
 from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder, offline_name
 from serve.core.paths import cache_dir as cache_root
 from training.cluster import cpus_per_actor
@@ -48,19 +48,6 @@ def _cache_path(texts: Sequence[str], model: str, cache_dir: Path) -> Path:
                       "count": len(texts), "format": EMBEDDING_FORMAT}, sort_keys=True)
     readable_model = canonical_name.strip("/").replace("/", "--")[-60:]
     return cache_dir / f"{readable_model}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npy"
-
-
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary file beside `path`, then rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
-    try:
-        with os.fdopen(file_descriptor, "wb") as handle:
-            np.save(handle, array)
-        os.replace(temporary_name, path)
-    except BaseException:
-        os.unlink(temporary_name)
-        raise
 
 
 class _EncoderActor:
@@ -127,5 +114,7 @@ def embed_texts(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch_si
         embeddings = _embed_with_ray_data(texts, model, batch_size, num_actors, num_gpus)
     else:
         embeddings = encode(load_encoder(model), texts, show_progress=len(texts) > 10 * batch_size)
-    _save_atomically(cache_path, embeddings)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(cache_path) as handle:
+        np.save(handle, embeddings)
     return embeddings

@@ -8,7 +8,6 @@ resamples prompts of the curves pooled over folds (every prompt is tested in exa
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,61 +21,12 @@ from training.metrics import (
     cost_to_reach,
     curve_aiq,
     frontier,
-    trace_curve,
 )
-from training.routers.base import TrainingSet
-from training.routers.baselines import BASELINE_ROUTERS
-from training.routers.cascade import CASCADE_ROUTERS
-from training.routers.finerouter import FINEROUTER_VARIANTS
+from training.routers.base import Curve, TrainingSet
+from training.routers.registry import ROUTERS, router_class
 from training.splits import folds
 
-Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
 SEEDS = 3  # seeds per learned router: 0, 1, 2
-# Without recorded answers a cascade has nothing to judge: `cascade` reduces to routing on its ex-ante
-# estimates (FineRouter's), and the fixed-chain cascades do not apply.
-ROUTE_ONLY = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS, "cascade": FINEROUTER_VARIANTS["finerouter"]}
-LEARNED_ROUTERS = {**BASELINE_ROUTERS, **FINEROUTER_VARIANTS, **CASCADE_ROUTERS}
-ANSWERS_ONLY = ("agreement_cascade", "frugal_cascade")
-
-
-def _fixed_choice(table: RoutingTable, model: int) -> Curve:
-    return table.costs[:, model][None, :], table.scores[:, model][None, :]
-
-
-def _random_curve(train: TrainingSet, test: RoutingTable) -> Curve:
-    """A uniformly random model per prompt, in expectation (no sampling noise)."""
-    return test.costs.mean(axis=1)[None, :], test.scores.mean(axis=1)[None, :]
-
-
-def _cheapest_curve(train: TrainingSet, test: RoutingTable) -> Curve:
-    return _fixed_choice(test, int(np.argmin(train.table.costs.mean(axis=0))))
-
-
-def _best_single_curve(train: TrainingSet, test: RoutingTable) -> Curve:
-    """The model with the best mean training score (ties to the cheaper)."""
-    means = train.table.scores.mean(axis=0)
-    best = np.flatnonzero(means == means.max())
-    return _fixed_choice(test, int(best[np.argmin(train.table.costs.mean(axis=0)[best])]))
-
-
-def _zero_router_curve(train: TrainingSet, test: RoutingTable) -> Curve:
-    """Every single model as an operating point: its hull is the zero router."""
-    return test.costs.T.copy(), test.scores.T.copy()
-
-
-def _oracle_curve(train: TrainingSet, test: RoutingTable) -> Curve:
-    """Knows every test score and every true cost: the upper bound of routing."""
-    return trace_curve(test.scores, test.costs, test.scores, test.costs, train.cost_scale)
-
-
-REFERENCE_ROUTERS: dict[str, Callable[[TrainingSet, RoutingTable], Curve]] = {
-    "random": _random_curve,
-    "cheapest": _cheapest_curve,
-    "best_single": _best_single_curve,
-    "zero_router": _zero_router_curve,
-    "oracle": _oracle_curve,
-}
-BASELINES = ("random", "cheapest", "best_single", "zero_router", "prior", "knn", "cluster", "mlp")
 
 
 @dataclass
@@ -122,26 +72,20 @@ def _std(values):
 def run_fold(table: RoutingTable, embeddings: np.ndarray, fold, routers: list[str], seeds, tick, answers: AnswerFacts | None = None,
              training_scores: np.ndarray | None = None) -> FoldResult:
     whole = TrainingSet(table, embeddings, answers)
-    test_set = whole.subset(fold.test)
     trained_on = whole if training_scores is None else TrainingSet(replace(table, scores=training_scores), embeddings, answers)
-    train = trained_on.subset(fold.train)
-    test, test_embeddings = test_set.table, test_set.embeddings
-    estimated = train.cost_model.estimate(test.prompt_tokens)
+    train, test_set = trained_on.subset(fold.train), whole.subset(fold.test)
     curves: dict[str, list[Curve]] = {}
     for name in routers:
-        if name in REFERENCE_ROUTERS:
-            curves[name] = [REFERENCE_ROUTERS[name](train, test)]
-            tick()
-            continue
         curves[name] = []
-        for seed in seeds:
-            if name in CASCADE_ROUTERS and answers is not None:
-                curves[name].append(CASCADE_ROUTERS[name](train, seed).trace(test_set))
-            else:
-                quality = ROUTE_ONLY[name](train, seed).predict_quality(test_embeddings, test.prompts)
-                curves[name].append(trace_curve(quality, estimated, test.scores, test.costs, train.cost_scale))
+        for seed in _seeds_of(name, seeds):
+            curves[name].append(router_class(name).fit(train, seed).curve(train, test_set))
             tick()
-    return FoldResult(fold.name, test, curves)
+    return FoldResult(fold.name, test_set.table, curves)
+
+
+def _seeds_of(name: str, seeds) -> tuple:
+    """A learned router is fitted once per seed; a reference point once."""
+    return tuple(seeds) if router_class(name).learned else (0,)
 
 
 def pooled_curve(results: list[FoldResult], name: str) -> Curve:
@@ -187,11 +131,11 @@ def evaluate(
     if table.responses is not None and answer_embeddings is not None:
         answers = AnswerFacts.of(table.responses, answer_embeddings)
     if routers is None:  # by default, cascades only where there are answers to judge
-        routers = [*REFERENCE_ROUTERS, *(r for r in LEARNED_ROUTERS if answers is not None or r not in CASCADE_ROUTERS)]
+        routers = [name for name, router in ROUTERS.items() if answers is not None or not router.cascade]
     elif answers is None:
-        routers = [r for r in routers if r not in ANSWERS_ONLY]
+        routers = [name for name in routers if not router_class(name).needs_answers]
     fold_list = folds(table, protocol)
-    steps = len(fold_list) * sum(1 if r in REFERENCE_ROUTERS else len(seeds) for r in routers)
+    steps = len(fold_list) * sum(len(_seeds_of(name, seeds)) for name in routers)
     with tqdm(total=steps, desc=f"{table.name}/{protocol}", disable=not progress) as bar:
         results = [run_fold(table, embeddings, fold, routers, seeds, lambda: bar.update(), answers, training_scores)
                    for fold in fold_list]
@@ -232,17 +176,17 @@ def _add_bootstrap_gains(report: dict, pooled: dict[str, Curve], test: RoutingTa
     (by mean AIQ)."""
     aiqs = {name: entry["aiq"] for name, entry in report["routers"].items()}
     for name in pooled:
-        if name in REFERENCE_ROUTERS:
+        if not ROUTERS[name].learned:
             continue
         entry = report["routers"][name]
-        others = [b for b in BASELINES if b in pooled and b != name and aiqs.get(b) is not None]
+        others = [b for b, router in ROUTERS.items() if router.baseline and b in pooled and b != name and aiqs.get(b) is not None]
         for reference in ("zero_router", "prior"):
             if reference in pooled and reference != name:
                 entry[f"gain_vs_{reference}"] = bootstrap_gain(pooled[name], pooled[reference], test.costs.T, samples=samples)
         if others:
             rival = max(others, key=lambda b: aiqs[b])
             entry["gain_vs_best_baseline"] = {"baseline": rival, **bootstrap_gain(pooled[name], pooled[rival], test.costs.T, samples=samples)}
-        learned = [r for r in pooled if r not in REFERENCE_ROUTERS and r != name and aiqs.get(r) is not None]
+        learned = [r for r in pooled if ROUTERS[r].learned and r != name and aiqs.get(r) is not None]
         if learned:  # every learned router, cascades and FineRouter included: what a headline claim must beat
             rival = max(learned, key=lambda r: aiqs[r])
             entry["gain_vs_best_other"] = {"router": rival, **bootstrap_gain(pooled[name], pooled[rival], test.costs.T, samples=samples)}
@@ -280,7 +224,7 @@ def plot(report: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
     styles = {"oracle": dict(linestyle="--"), "zero_router": dict(linestyle=":", color="grey"),
-              **{name: dict(linestyle="-.") for name in CASCADE_ROUTERS}}
+              **{name: dict(linestyle="-.") for name, router in ROUTERS.items() if router.cascade}}
     for name, curve in report["curves"].items():
         hull_cost, hull_quality = frontier(np.array(curve["cost"]), np.array(curve["quality"]))
         axes.plot(hull_cost, hull_quality, marker=".", label=name, **styles.get(name, {}))

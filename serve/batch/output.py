@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +19,11 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from serve.core.atomic import atomic_file, is_temporary
 from serve.core.prompt_files import ROW_COLUMN, BatchInputError, filesystem
 
 MANIFEST = "_job.json"
 _PART = re.compile(r"part-(\d{12})-(\d{12})\.(parquet|jsonl)")
-_TEMPORARY_PREFIX = ".part-"
 
 
 def part_name(start: int, stop: int, file_format: str) -> str:
@@ -85,7 +84,7 @@ def prepare_output(path: str, job: dict, resume: bool, rows: int) -> list[tuple[
         raise BatchInputError(f"--output {path}: was written with other {', '.join(differing)}; resume with the same "
                               "arguments and input, or choose another folder")
     for info in files:
-        if info.base_name.startswith(_TEMPORARY_PREFIX):  # a part a crash left half-written
+        if is_temporary(info.base_name):  # a part a crash left half-written
             fs.delete_file(info.path)
     return missing_ranges(done_ranges(path), rows)
 
@@ -107,11 +106,8 @@ class RowRangeSink(Datasink[None]):
             self._write_part(table.slice(start, stop - start).drop_columns([ROW_COLUMN]), int(rows[start]), int(rows[stop - 1]) + 1)
 
     def _write_part(self, table: pa.Table, start: int, stop: int) -> None:
-        fs, root = filesystem(self.path)
-        temporary = f"{root}/{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-        with fs.open_output_stream(temporary) as stream:
+        with atomic_file(f"{self.path.rstrip('/')}/{part_name(start, stop, self.file_format)}") as stream:
             if self.file_format == "parquet":
                 pq.write_table(table, stream)
             else:
                 stream.write(table.to_pandas().to_json(orient="records", lines=True, force_ascii=False).encode())
-        fs.move(temporary, f"{root}/{part_name(start, stop, self.file_format)}")

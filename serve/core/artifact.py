@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from serve.core.atomic import atomic_directory
 from serve.core.decision import CostModel, rank_models
 from serve.core.features import FEATURE_NAMES, prompt_features
 from serve.core.posthoc import ESTIMATOR_ARRAYS, PostHocEstimator
@@ -186,9 +184,7 @@ class RouterArtifact:
         missing = [name for name in self._array_names() if name not in self.weights]
         if missing:
             raise ArtifactError(f"cannot save an artifact without {missing}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as staging:
             np.savez(staging / "weights.npz", **{name: self.weights[name] for name in self._array_names()})
             manifest = {
                 **self.manifest,
@@ -197,17 +193,6 @@ class RouterArtifact:
                 "checksums": {"weights.npz": _sha256(staging / "weights.npz")},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if path.exists():
-                retired = path.with_name(f".{path.name}.old")
-                shutil.rmtree(retired, ignore_errors=True)
-                os.replace(path, retired)
-                os.replace(staging, path)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.manifest, self.path = manifest, path
         return path
 

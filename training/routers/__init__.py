@@ -1,2 +1,3 @@
-"""Every router the evaluation compares: `base` (the interface and its tuning), `baselines` and `finerouter`
-(FineRouter and its ablations). The evaluation's registry joins the last two."""
+"""Every router the evaluation compares, behind one interface (`base.Router`) and one registry
+(`registry.ROUTERS`): `reference` (fixed choices, zero router, oracle), `baselines`, `finerouter` (FineRouter and
+its ablations) and `cascade` (cascade routing and the fixed-chain cascades)."""

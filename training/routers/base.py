@@ -1,16 +1,19 @@
-"""What every router of the evaluation shares: the training set it learns from, the one abstract method it
-implements (RouteLLM style), and how a router is scored and tuned on a validation slice.
+"""What every router of the evaluation shares: the training set it learns from, the one interface it implements
+(RouteLLM style: one abstract `Router`, one registry in `training.routers.registry`), and how a router is scored
+and tuned on a validation slice.
 
-Every router only predicts each pool model's quality on each prompt; the shared decision rule
-(`serve.core.decision.rank_models`) turns that into choices, so routers differ only in what they know.
+Most routers only predict each pool model's quality on each prompt; the shared decision rule
+(`serve.core.decision.rank_models`) turns that into choices, so those routers differ only in what they know.
+Cascades and the reference points (the oracle, fixed choices) give their curve directly.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import faiss
 import numpy as np
@@ -50,12 +53,34 @@ class TrainingSet:
         return self.subset(~held[group]), self.subset(held[group])
 
 
-class Router(ABC):
-    """Predicts each pool model's quality (expected score in [0, 1]) on each prompt."""
+Curve = tuple[np.ndarray, np.ndarray]  # per-prompt (costs, qualities), each [operating points, prompts]
 
-    @abstractmethod
+
+class Router(ABC):
+    """A router as the evaluation runs it: fitted on a training fold (`fit`), it yields its curve on test prompts
+    (`curve`). What it needs and how the report treats it are declared on the class."""
+
+    learned: ClassVar[bool] = True  # fitted once per seed, with AIQ gains against its rivals; else a reference point, one curve a fold
+    baseline: ClassVar[bool] = False  # a rival in "AIQ gain vs best baseline"
+    cascade: ClassVar[bool] = False  # several models may answer a prompt: runs by default only where the table records answers
+    needs_answers: ClassVar[bool] = False  # without recorded answers it does not apply and is left out
+
+    @classmethod
+    def fit(cls, train: TrainingSet, seed: int) -> Router:
+        """The router fitted on a training fold with this seed."""
+        return cls(train, seed)
+
+    def curve(self, train: TrainingSet, test: TrainingSet) -> Curve:
+        """The realised per-prompt (costs, qualities) on `test` at each cost weight of the sweep
+        (`training.metrics.COST_WEIGHTS`); `train` is the set it was fitted on, whose cost model prices the test
+        prompts. By default: the shared decision rule on `predict_quality`'s estimates."""
+        table = test.table
+        quality = self.predict_quality(test.embeddings, table.prompts)
+        return trace_curve(quality, train.cost_model.estimate(table.prompt_tokens), table.scores, table.costs, train.cost_scale)
+
     def predict_quality(self, embeddings: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """[N, M] predicted quality for N prompts (their embeddings and texts)."""
+        """[N, M] predicted quality (expected score in [0, 1]) for N prompts (their embeddings and texts)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither predict_quality nor curve")
 
 
 class ArtifactRouter(Router):
@@ -70,10 +95,8 @@ class ArtifactRouter(Router):
 
 def validation_score(router: Router, train: TrainingSet, validation: TrainingSet) -> float:
     """What tuning maximises: AIQ on the validation slice, or the routed quality where all models cost alike."""
-    quality = router.predict_quality(validation.embeddings, validation.table.prompts)
+    curve = router.curve(train, validation)
     table = validation.table
-    estimated = train.cost_model.estimate(table.prompt_tokens)
-    curve = trace_curve(quality, estimated, table.scores, table.costs, train.cost_scale)
     score = curve_aiq(curve, table.costs) if table.has_costs else None
     return float(curve[1][0].mean()) if score is None else score
 

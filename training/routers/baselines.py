@@ -3,8 +3,6 @@ neighbours, clusters and a per-model regressor."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import faiss
 import numpy as np
 import torch
@@ -18,18 +16,31 @@ class PriorRouter(Router):
     Only the estimated cost still varies (with the prompt's length): the honest "no routing" curve, where
     the zero router's hull knows the best single model on the test prompts."""
 
+    baseline = True
+
     def __init__(self, data: TrainingSet):
         self.means = data.table.scores.mean(axis=0)
+
+    @classmethod
+    def fit(cls, train, seed):
+        return cls(train)
 
     def predict_quality(self, embeddings, prompts=None):
         return np.broadcast_to(self.means, (len(embeddings), len(self.means))).copy()
 
 
 class KNNRouter(Router):
-    """Mean scores of the k most similar training prompts."""
+    """Mean scores of the k most similar training prompts (k chosen on a validation slice)."""
+
+    baseline = True
+    K = (5, 10, 20, 50, 100)
 
     def __init__(self, data: TrainingSet, k: int):
         self.index, self.scores, self.k = inner_product_index(data.embeddings), data.table.scores, k
+
+    @classmethod
+    def fit(cls, train, seed):
+        return tune(lambda d, s, k: cls(d, k), cls.K, train, seed)[0]
 
     def predict_quality(self, embeddings, prompts=None):
         _, neighbours = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.k)
@@ -38,8 +49,11 @@ class KNNRouter(Router):
 
 class ClusterRouter(Router):
     """Avengers-Pro style: k-means clusters of training prompts, each with its models' mean scores; a prompt
-    takes the softmax-weighted profiles of its top-3 nearest centroids."""
+    takes the softmax-weighted profiles of its top-3 nearest centroids (the number of clusters chosen on a
+    validation slice)."""
 
+    baseline = True
+    CLUSTERS = (8, 16, 32, 64)
     TOP = 3
     TEMPERATURE = 0.05
 
@@ -54,6 +68,10 @@ class ClusterRouter(Router):
         )
         self.index = inner_product_index(kmeans.centroids)
 
+    @classmethod
+    def fit(cls, train, seed):
+        return tune(lambda d, s, k: cls(d, k, s), cls.CLUSTERS, train, seed)[0]
+
     def predict_quality(self, embeddings, prompts=None):
         similarity, nearest = self.index.search(np.ascontiguousarray(embeddings, dtype=np.float32), self.TOP)
         weights = np.exp((similarity - similarity[:, :1]) / self.TEMPERATURE)
@@ -64,6 +82,8 @@ class ClusterRouter(Router):
 class MLPRouter(Router):
     """A per-model quality regressor on the embedding: one hidden layer, sigmoid outputs, BCE on soft scores,
     early-stopped on a validation slice."""
+
+    baseline = True
 
     @single_threaded()
     def __init__(self, data: TrainingSet, seed: int, hidden: int = 256, epochs: int = 60):
@@ -95,15 +115,3 @@ class MLPRouter(Router):
     def predict_quality(self, embeddings, prompts=None):
         with torch.no_grad():
             return torch.sigmoid(self.net(torch.as_tensor(embeddings, dtype=torch.float32))).numpy().astype(np.float64)
-
-
-KNN_K = (5, 10, 20, 50, 100)
-CLUSTER_K = (8, 16, 32, 64)
-
-# name -> builder(training set, seed) -> router.
-BASELINE_ROUTERS: dict[str, Callable[[TrainingSet, int], Router]] = {
-    "prior": lambda data, seed: PriorRouter(data),
-    "knn": lambda data, seed: tune(lambda d, s, k: KNNRouter(d, k), KNN_K, data, seed)[0],
-    "cluster": lambda data, seed: tune(lambda d, s, k: ClusterRouter(d, k, s), CLUSTER_K, data, seed)[0],
-    "mlp": lambda data, seed: MLPRouter(data, seed),
-}

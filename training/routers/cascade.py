@@ -10,15 +10,14 @@
   without agreement: this answer alone) clears the step's threshold. Chain and thresholds are chosen per cost
   weight on the validation slice.
 
-Each yields the per-prompt curve the harness scores: at each cost weight, the true total cost and the score of
-the answer returned.
+Each yields the per-prompt curve the harness scores (`Router.curve`): at each cost weight, the true total cost
+and the score of the answer returned.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,10 +30,9 @@ from serve.core.posthoc import PostHocEstimator
 from training.fit import FitConfig, fit_router
 from training.metrics import COST_WEIGHTS, curve_aiq
 from training.posthoc import fit_posthoc
-from training.routers.base import TrainingSet
+from training.routers.base import Curve, Router, TrainingSet
 from training.routers.finerouter import evaluation_fit
 
-Curve = tuple[np.ndarray, np.ndarray]
 # Agreement on free text: the cosine of two answers' embeddings at or above this (chosen on the training fold).
 TEXT_AGREEMENT_THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 SCORER_THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -127,19 +125,29 @@ def _trace(artifact: RouterArtifact, estimator: PostHocEstimator, test: Training
     return _curve([(o.cost, o.quality) for o in outcomes])
 
 
-class CascadeRoutingPolicy:
+class CascadeRouter(Router):
     """`cascade`: FineRouter (the harness's own fit on this training set and seed) for the ex-ante estimates, and
-    its post-hoc estimator (`fit_cascade_estimator`), as `python -m training fit` stores them in the artifact."""
+    its post-hoc estimator (`fit_cascade_estimator`), as `python -m training fit` stores them in the artifact.
+    Without recorded answers there is nothing to judge: it routes on FineRouter's estimates (`finerouter`'s curve)."""
+
+    cascade = True
 
     def __init__(self, data: TrainingSet, seed: int, groups: tuple[str, ...] = DEFAULT_GROUPS):
         self.artifact = evaluation_fit(data, seed)
-        self.estimator, _ = fit_cascade_estimator(self.artifact, data, seed, groups)
+        self.estimator = None if data.answers is None else fit_cascade_estimator(self.artifact, data, seed, groups)[0]
 
-    def ex_ante(self, data: TrainingSet) -> np.ndarray:
-        return self.artifact.predict(data.embeddings, data.table.prompts)[0]
+    @classmethod
+    def fit(cls, train, seed):
+        return _cascade_router(train, seed)
 
-    def trace(self, test: TrainingSet, weights=COST_WEIGHTS) -> Curve:
-        return _trace(self.artifact, self.estimator, test, weights)
+    def predict_quality(self, embeddings, prompts):
+        """The ex-ante estimates: FineRouter's."""
+        return self.artifact.predict(embeddings, prompts)[0]
+
+    def curve(self, train, test):
+        if test.answers is None:
+            return super().curve(train, test)
+        return _trace(self.artifact, self.estimator, test)
 
 
 def _fixed_policy_curve(outcomes_fit: list[tuple[np.ndarray, np.ndarray]], outcomes_test: list[tuple[np.ndarray, np.ndarray]],
@@ -169,9 +177,11 @@ def agreement_outcome(chain: tuple[int, ...], dearest: int, threshold: float, ta
     return cost, quality
 
 
-class AgreementCascade:
+class AgreementCascade(Router):
     """`agreement_cascade`: single models and chains of 2-3 cheaper models that escalate to the dearest on
     disagreement; per cost weight the best on the training fold."""
+
+    cascade = needs_answers = True
 
     def __init__(self, data: TrainingSet, seed: int):
         costs = data.table.costs.mean(axis=0)
@@ -179,7 +189,6 @@ class AgreementCascade:
         cheaper = [int(j) for j in np.argsort(costs) if j != self.dearest]
         self.policies = [((j,), None) for j in range(len(costs))]
         self.policies += [(chain, t) for chain in _chains(cheaper, (2, 3)) for t in TEXT_AGREEMENT_THRESHOLDS]
-        self.fold, self.cost_scale = data, data.cost_scale
 
     def _outcomes(self, data: TrainingSet):
         agree = agreement(data.answers)
@@ -187,8 +196,8 @@ class AgreementCascade:
         return [(table.costs[:, chain[0]], table.scores[:, chain[0]]) if t is None
                 else agreement_outcome(chain, self.dearest, t, table, data.answers, agree) for chain, t in self.policies]
 
-    def trace(self, test: TrainingSet, weights=COST_WEIGHTS) -> Curve:
-        return _fixed_policy_curve(self._outcomes(self.fold), self._outcomes(test), self.cost_scale, weights)
+    def curve(self, train, test):
+        return _fixed_policy_curve(self._outcomes(train), self._outcomes(test), train.cost_scale)
 
 
 def frugal_outcome(chain: tuple[int, ...], thresholds: tuple[float, ...], table, score: np.ndarray):
@@ -205,44 +214,38 @@ def frugal_outcome(chain: tuple[int, ...], thresholds: tuple[float, ...], table,
     return cost, quality
 
 
-class FrugalCascade:
+class FrugalCascade(Router):
     """`frugal_cascade`: single models and chains of 2-3 models in order of cost, each step with a threshold on
     the scorer; per cost weight the best on the validation slice (the scorer: `cascade`'s post-hoc estimator,
     shared, judging each answer alone)."""
 
+    cascade = needs_answers = True
+
     def __init__(self, data: TrainingSet, seed: int):
-        self.policy = _cascade_policy(data, seed)
+        self.scorer = _cascade_router(data, seed)
         _, self.calibration = data.validation_split(seed)
         costs = data.table.costs.mean(axis=0)
         by_cost = [int(j) for j in np.argsort(costs)]
         self.policies = [((j,), ()) for j in range(len(costs))]
         for chain in _chains(by_cost, (2, 3)):
             self.policies += [(chain, t) for t in itertools.product(SCORER_THRESHOLDS, repeat=len(chain) - 1)]
-        self.cost_scale = data.cost_scale
 
     def _outcomes(self, data: TrainingSet):
         alone = np.zeros(data.table.scores.shape, bool)
-        score = self.policy.estimator.estimate(self.policy.ex_ante(data), data.answers, agreement(data.answers), alone)
+        ex_ante = self.scorer.predict_quality(data.embeddings, data.table.prompts)
+        score = self.scorer.estimator.estimate(ex_ante, data.answers, agreement(data.answers), alone)
         return [frugal_outcome(chain, t, data.table, score) for chain, t in self.policies]
 
-    def trace(self, test: TrainingSet, weights=COST_WEIGHTS) -> Curve:
-        return _fixed_policy_curve(self._outcomes(self.calibration), self._outcomes(test), self.cost_scale, weights)
+    def curve(self, train, test):
+        return _fixed_policy_curve(self._outcomes(self.calibration), self._outcomes(test), train.cost_scale)
 
 
-_policies: weakref.WeakKeyDictionary[TrainingSet, dict] = weakref.WeakKeyDictionary()
+_cascade_routers: weakref.WeakKeyDictionary[TrainingSet, dict] = weakref.WeakKeyDictionary()
 
 
-def _cascade_policy(data: TrainingSet, seed: int) -> CascadeRoutingPolicy:
+def _cascade_router(data: TrainingSet, seed: int) -> CascadeRouter:
     """One post-hoc estimator per (training set, seed), shared by `cascade` and `frugal_cascade`."""
-    cache = _policies.setdefault(data, {})
+    cache = _cascade_routers.setdefault(data, {})
     if seed not in cache:
-        cache[seed] = CascadeRoutingPolicy(data, seed)
+        cache[seed] = CascadeRouter(data, seed)
     return cache[seed]
-
-
-# name -> builder(training set with answers, seed) -> an object whose trace(test set) is the router's curve.
-CASCADE_ROUTERS: dict[str, Callable[[TrainingSet, int], object]] = {
-    "cascade": _cascade_policy,
-    "agreement_cascade": AgreementCascade,
-    "frugal_cascade": FrugalCascade,
-}

@@ -4,11 +4,11 @@ by the variants that only change the blend."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from typing import ClassVar
 
 from serve.core.artifact import RouterArtifact
 from training.fit import FitConfig, fit_router
-from training.routers.base import ArtifactRouter, Router, TrainingSet
+from training.routers.base import ArtifactRouter, TrainingSet
 
 _fitted: weakref.WeakKeyDictionary[TrainingSet, dict] = weakref.WeakKeyDictionary()
 
@@ -22,10 +22,32 @@ def evaluation_fit(data: TrainingSet, seed: int, semantic_only: bool = False) ->
     return cache[key]
 
 
-# name -> builder(training set, seed) -> router.
-FINEROUTER_VARIANTS: dict[str, Callable[[TrainingSet, int], Router]] = {
-    "finerouter": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed)),
-    "finerouter_stage1": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(0.0)),
-    "finerouter_stage2": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed).with_blend(1.0)),
-    "finerouter_semantic_graph": lambda data, seed: ArtifactRouter(evaluation_fit(data, seed, semantic_only=True)),
-}
+class FineRouter(ArtifactRouter):
+    """`finerouter`: the artifact `python -m training fit` would write for this training set and seed, with
+    the blend between the task table and the MoE chosen on its validation slice."""
+
+    blend: ClassVar[float | None] = None  # None: the blend chosen on validation
+    semantic_only: ClassVar[bool] = False  # the task graph's edges from prompt similarity alone
+
+    @classmethod
+    def fit(cls, train, seed):
+        artifact = evaluation_fit(train, seed, cls.semantic_only)
+        return cls(artifact if cls.blend is None else artifact.with_blend(cls.blend))
+
+
+class FineRouterStage1(FineRouter):
+    """`finerouter_stage1`: the task table alone."""
+
+    blend = 0.0
+
+
+class FineRouterStage2(FineRouter):
+    """`finerouter_stage2`: the mixture of experts alone."""
+
+    blend = 1.0
+
+
+class FineRouterSemanticGraph(FineRouter):
+    """`finerouter_semantic_graph`: tasks found on a graph of prompt similarity only (no performance mix)."""
+
+    semantic_only = True
