@@ -269,12 +269,13 @@ def test_a_killed_job_resumed_asks_only_for_the_missing_rows(tmp_path, capsys, r
     assert len(parts) > 1
     lost = len(pd.read_json(parts[0], lines=True))
     parts[0].unlink()  # as if the job had died before writing it
-    (tmp_path / "labels" / ".part-halfwritten").write_text("{")
+    leftover = tmp_path / "labels" / f".{parts[0].name}.0123abcd.tmp"  # what atomic_file leaves when a crash stops it
+    leftover.write_text("{")
     Replay.calls = {}
     code, out, err = run_label(capsys, *job, "--resume")
     assert code == 0, err
     assert Replay.calls == {model: lost for model in POOL} and len(labelled(tmp_path / "labels")) == 40
-    assert not (tmp_path / "labels" / ".part-halfwritten").exists()
+    assert not leftover.exists()
 
 
 @pytest.mark.slow

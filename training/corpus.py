@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serve.core.atomic import atomic_file
 from serve.core.encoder import count_tokens, encode, load_encoder
 from serve.core.paths import cache_dir
 from serve.core.prompt_files import (
@@ -60,12 +60,9 @@ def fixed_lists(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def write_table(path: str, table: pa.Table) -> None:
-    """Write a Parquet file under a temporary name, then move it into place: readers never see part of one."""
-    fs, target = filesystem(path)
-    temporary = f"{target}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(temporary) as handle:
+    """Write a Parquet file atomically: readers never see part of one."""
+    with atomic_file(path) as handle:
         pq.write_table(table, handle)
-    fs.move(temporary, target)
 
 
 def read_table(path: str, columns: list[str]) -> pa.Table:
