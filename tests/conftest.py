@@ -1,13 +1,9 @@
 """Shared test set-up: offline models, the project's cache, one Ray instance per session."""
 
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -138,35 +134,3 @@ def vllm_server(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=60)
-
-
-class JSONUpstream(BaseHTTPRequestHandler):
-    """Base of the loopback upstreams the tests script: JSON replies, no request log."""
-
-    def reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def reply_completion(self, model: str, text: str, usage: dict) -> None:
-        self.reply(200, {"id": "scripted", "object": "chat.completion", "created": 0, "model": model, "usage": usage,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def loopback_upstream(handler: type[BaseHTTPRequestHandler]):
-    """`handler` served on a free loopback port; yields its API root (http://127.0.0.1:PORT/v1)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()

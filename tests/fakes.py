@@ -30,11 +30,11 @@ class FakeUpstream(BaseHTTPRequestHandler):
             pass
 
     @staticmethod
-    def completion(model: str, text: str) -> dict:
-        """A chat completion answering `text` as `model`."""
+    def completion(model: str, text: str, usage: dict | None = None) -> dict:
+        """A chat completion answering `text` as `model`, reporting `usage` (one token each way by default)."""
         return {"id": "fake", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                "usage": usage or {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
     def log_message(self, *args):
         pass

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import JSONUpstream, loopback_upstream
+from fakes import FakeUpstream, serving
 
 from training.labelling import judges
 from training.labelling.judges import (
@@ -131,7 +131,7 @@ POOL = ["mistralai/mistral-7b-chat", "gpt-3.5-turbo-1106", "gpt-4-1106-preview"]
 PRICES = {"mistralai/mistral-7b-chat": (0.2, 0.2), "gpt-3.5-turbo-1106": (1.0, 2.0), "gpt-4-1106-preview": (10.0, 30.0)}
 
 
-class Replay(JSONUpstream):
+class Replay(FakeUpstream):
     """Answers each pool model with its recorded answer (usage: one token per 4 characters). `failing` models
     answer HTTP 503; the `judge` model grades with `judge_replies` (prompt -> reply). Counts calls per model."""
 
@@ -141,7 +141,7 @@ class Replay(JSONUpstream):
     calls: ClassVar[dict[str, int]] = {}
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         model, content = body["model"], body["messages"][-1]["content"]
         self.calls[model] = self.calls.get(model, 0) + 1
         if model in self.failing:
@@ -150,7 +150,7 @@ class Replay(JSONUpstream):
             text = next(reply for prompt, reply in self.judge_replies.items() if prompt in content)
         else:
             text = self.answers[(model, content)]
-        self.reply_completion(model, text, {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4})
+        self.reply(200, self.completion(model, text, {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4}))
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def recorded(shared_data):
 @pytest.fixture(scope="module")
 def upstream(recorded):
     Replay.answers = {(model, prompt): answer for model in POOL for prompt, answer in zip(recorded["prompt"], recorded[model])}
-    with loopback_upstream(Replay) as root:
+    with serving(Replay) as root:
         yield root
 
 
