@@ -80,7 +80,7 @@ class Router(ABC):
 
     def predict_quality(self, embeddings: np.ndarray, prompts: list[str]) -> np.ndarray:
         """[N, M] predicted quality (expected score in [0, 1]) for N prompts (their embeddings and texts)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither predict_quality nor curve")
+        raise TypeError(f"{type(self).__name__} implements neither predict_quality nor curve")
 
 
 class ArtifactRouter(Router):
