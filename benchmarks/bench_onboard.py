@@ -36,13 +36,13 @@ from serve.core.artifact import RouterArtifact
 from training.datasets import load_dataset
 from training.embed import embed_texts
 from training.fit import FitConfig, fit_router
+from training.labelling.sampling import sample_per_task
 from training.metrics import curve_aiq, trace_curve
 from training.onboard import (
     Labels,
     OnboardConfig,
     label_evidence,
     onboard,
-    stratified_sample,
 )
 from training.routers.base import TrainingSet
 from training.splits import folds
@@ -67,7 +67,7 @@ def without_model(data: TrainingSet, model: str) -> TrainingSet:
 
 def label_rows(sampler: str, tasks: np.ndarray, per_task: int, seed: int) -> np.ndarray:
     """Which prompts get labels: `per_task` per latent task, or as many drawn uniformly."""
-    stratified = stratified_sample(tasks, per_task, seed)
+    stratified = sample_per_task(tasks, per_task, seed)
     if sampler == "stratified":
         return stratified
     return np.sort(np.random.default_rng(seed + 7919).choice(len(tasks), len(stratified), replace=False))

@@ -11,6 +11,7 @@ from conftest import synthetic_routing_set
 from serve.core.artifact import RouterArtifact
 from serve.core.posthoc import logit
 from training.fit import FitConfig, fit_router
+from training.labelling.sampling import sample_per_task
 from training.moe import NetworkConfig
 from training.onboard import (
     Labels,
@@ -19,7 +20,6 @@ from training.onboard import (
     onboard,
     remove_model,
     reprice,
-    stratified_sample,
     task_quality_column,
 )
 from training.routers.base import TrainingSet
@@ -47,7 +47,7 @@ def left_out(data):
 
 def labels_for(data, artifact, per_task, seed=0, model=NEW):
     tasks = artifact.task_probabilities(artifact.inputs(data.embeddings, data.table.prompts)).argmax(axis=1)
-    rows = stratified_sample(tasks, per_task, seed)
+    rows = sample_per_task(tasks, per_task, seed)
     column = data.table.models.index(model)
     return Labels(data.embeddings[rows], [data.table.prompts[i] for i in rows], data.table.prompt_tokens[rows],
                   data.table.scores[rows, column], data.table.costs[rows, column]), rows
@@ -155,9 +155,9 @@ def test_a_price_change_moves_that_model_s_cost_alone(data, left_out):
 
 def test_stratified_sampling_takes_k_per_task_or_all_of_a_small_task():
     tasks = np.array([0] * 10 + [1] * 2 + [2] * 5)
-    rows = stratified_sample(tasks, 3, seed=0)
+    rows = sample_per_task(tasks, 3, seed=0)
     assert np.bincount(tasks[rows]).tolist() == [3, 2, 3] and len(set(rows)) == len(rows)
-    assert not np.array_equal(rows, stratified_sample(tasks, 3, seed=1))
+    assert not np.array_equal(rows, sample_per_task(tasks, 3, seed=1))
 
 
 def test_onboarding_refuses_a_model_already_in_the_pool_and_labels_without_costs(data, left_out):

@@ -207,14 +207,6 @@ def reprice(artifact: RouterArtifact, model: str, input_price: float, output_pri
     return RouterArtifact(manifest, weights)
 
 
-def stratified_sample(tasks: np.ndarray, per_task: int, seed: int) -> np.ndarray:
-    """Row indices to label: `per_task` prompts of each latent task (`tasks` [N], each prompt's most likely task),
-    all of a task's prompts where it has fewer."""
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(tasks == task))[:per_task] for task in np.unique(tasks)]
-    return np.sort(np.concatenate(picks))
-
-
 def read_labels(path, model: str, artifact: RouterArtifact) -> Labels:
     """The labelled prompts of `model` from a routing table file (JSONL or Parquet in the user format, as the
     labelling job writes it: `prompt`, `scores`, optional `costs`). Where `scores` also holds every model of the
