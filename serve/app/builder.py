@@ -48,7 +48,7 @@ def _build(args: RouterAppConfig | dict | None) -> Application:
                          "--dataset routerbench_partial --out ...`), or set default_policy: route")
     # A backend may name a model ahead of the artifact that brings it into the pool (an artifact swap, below).
     models = artifact.models + [model for model in config.backends if model not in artifact.models]
-    engines, specs = build_backends(models, config.backends, config.local)
+    deployments, specs = build_backends(models, config.backends, config.local)
     ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
     # The artifact travels as the Ranker's and the ingress's `user_config`: serve.config's `deployments:` entries
     # can set a new one, which `serve deploy` swaps in place (their `reconfigure`), no replica restarted.
@@ -56,7 +56,7 @@ def _build(args: RouterAppConfig | dict | None) -> Application:
     return RouterIngress.options(user_config=served).bind(
         Embedder.bind(artifact.embedder, config.embedder),
         Ranker.options(user_config=served).bind({model: spec.capabilities for model, spec in specs.items()}),
-        engines,
+        deployments,
         specs,
         config,
         ledger,

@@ -158,10 +158,10 @@ def _caller(request: Request) -> Caller:
 @serve.deployment(name="RouterIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=256)
 @serve.ingress(app)
 class RouterIngress:
-    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, engines: dict[str, DeploymentHandle],
+    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, deployments: dict[str, DeploymentHandle],
                  specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None,
                  cascades: bool = False):
-        backends = {model: PoolBackend(spec, engines[spec.engine]) for model, spec in specs.items()}
+        backends = {model: PoolBackend(spec, deployments[spec.backend_id]) for model, spec in specs.items()}
         app.state.keyring = KeyRing(read_api_keys(config.access))
         app.state.max_body_bytes = config.limits.max_body_bytes
         self.config = config
@@ -185,11 +185,11 @@ class RouterIngress:
 
     @app.get("/health/ready")
     async def ready(self) -> dict:
-        """Readiness: 200 once every backend engine answers its health check, else 503 naming those that do not."""
+        """Readiness: 200 once every backend answers its health check, else 503 naming those that do not."""
         states = await self.chat.readiness()
-        waiting = sorted(engine for engine, ready in states.items() if not ready)
+        waiting = sorted(backend_id for backend_id, ready in states.items() if not ready)
         if waiting:
-            raise APIError(503, f"not ready: the backend engines {waiting} do not answer yet (starting, or failing their "
+            raise APIError(503, f"not ready: the backends {waiting} do not answer yet (starting, or failing their "
                                 "health check)", type="service_unavailable", code="not_ready",
                            retry_after_s=self.config.limits.retry_after_s)
         return {"status": "ready", "engines": sorted(states)}

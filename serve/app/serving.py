@@ -123,12 +123,12 @@ class RoutedChat:
         return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.pool])
 
     async def readiness(self) -> dict[str, bool]:
-        """Engine -> whether it answers its health check now."""
-        engines = {backend.spec.engine: backend for backend in self.backends.values()}
-        return dict(zip(engines, await asyncio.gather(*(backend.ready() for backend in engines.values()))))
+        """Backend id -> whether it answers its health check now."""
+        answering = {backend.spec.backend_id: backend for backend in self.backends.values()}
+        return dict(zip(answering, await asyncio.gather(*(backend.ready() for backend in answering.values()))))
 
     def backend_states(self) -> list[dict]:
-        return [{"model": model, "backend": self.backends[model].spec.engine, **self.cooldowns.status(self.backends[model].spec.engine)}
+        return [{"model": model, "backend": self.backends[model].spec.backend_id, **self.cooldowns.status(self.backends[model].spec.backend_id)}
                 for model in self.pool]
 
     async def route(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
@@ -207,13 +207,13 @@ class RoutedChat:
         body, fallbacks, tried, cooling = request.backend_body(), [], set(), set()
         for model in order:
             backend = self.backends[model]
-            engine = backend.spec.engine
-            if engine in tried or engine in cooling:
-                continue  # the stand-in engine serves several pool models: one failure speaks for all of them
+            backend_id = backend.spec.backend_id
+            if backend_id in tried or backend_id in cooling:
+                continue  # the stand-in backend serves several pool models: one failure speaks for all of them
             if len(tried) == self.config.max_attempts:
                 break
             attempt = await self._attempt(model, body, request.stream, caller)
-            (cooling if attempt.cooling else tried).add(engine)
+            (cooling if attempt.cooling else tried).add(backend_id)
             if attempt.failure is not None:
                 fallbacks.append(Fallback(model=model, reason=attempt.failure))
                 continue
@@ -226,9 +226,9 @@ class RoutedChat:
             headers = self._answered(model, decision, fallbacks, estimated_cost)
             if request.stream:
                 return ChatResult(headers, stream=_event_stream(first, rest, model, routing, caller,
-                                                                functools.partial(self.cooldowns.failed, engine)))
+                                                                functools.partial(self.cooldowns.failed, backend_id)))
             return ChatResult(headers, body={**first, "model": model, "routing": routing})
-        retry_after = min((self.cooldowns.seconds_left(engine) for engine in cooling), default=None) if not tried else None
+        retry_after = min((self.cooldowns.seconds_left(backend_id) for backend_id in cooling), default=None) if not tried else None
         raise _unanswered(fallbacks, retry_after or self.config.limits.retry_after_s)
 
     async def _cascade(self, request: ChatCompletionRequest, decision: RoutingDecision, needs: Needs, caller: Caller) -> ChatResult:
@@ -255,9 +255,9 @@ class RoutedChat:
                 answers[model] = (text, embedding)
                 continue
             fallbacks.append(Fallback(model=model, reason=attempt.failure))
-            # The stand-in engine serves several pool models: one failure speaks for all of them.
-            engine = self.backends[model].spec.engine
-            unavailable |= {name for name, backend in self.backends.items() if backend.spec.engine == engine}
+            # The stand-in backend serves several pool models: one failure speaks for all of them.
+            backend_id = self.backends[model].spec.backend_id
+            unavailable |= {name for name, backend in self.backends.items() if backend.spec.backend_id == backend_id}
         if verdict.answer is None:
             raise _unanswered(fallbacks, self.config.limits.retry_after_s)
         model = verdict.answer
@@ -278,22 +278,22 @@ class RoutedChat:
         """One call of a pool model's backend, kept in its cool-down state and the metrics. Raises APIError when the
         backend refused the request itself (another model would refuse it too)."""
         backend = self.backends[model]
-        engine = backend.spec.engine
-        if not self.cooldowns.admit(engine):
+        backend_id = backend.spec.backend_id
+        if not self.cooldowns.admit(backend_id):
             return Attempt(failure=COOLING_DOWN, cooling=True)
         try:
             output = await backend.start(body, stream, caller.request_id)
         except BackendFailure as failure:
             logger.warning("request %s: backend %s failed (%s), going on without it: %s",
                            caller.request_id, model, failure.reason, failure.detail or "-")
-            self.cooldowns.failed(engine)
+            self.cooldowns.failed(backend_id)
             self.metrics.fallbacks.inc(tags={"model": model})
             return Attempt(failure=failure.reason)
         except APIError as refusal:  # the backend is up; the request is at fault
-            self.cooldowns.succeeded(engine)
+            self.cooldowns.succeeded(backend_id)
             refusal.message = f"{model} refused the request: {refusal.message}"
             raise
-        self.cooldowns.succeeded(engine)
+        self.cooldowns.succeeded(backend_id)
         return Attempt(output=output)
 
     async def _check_spend(self, caller: Caller) -> None:

