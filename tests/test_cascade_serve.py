@@ -15,8 +15,9 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port, small_fit_config
+from conftest import small_fit_config
 from fakes import FakeUpstream, serving
+from serve_fixtures import deployed
 
 pytestmark = pytest.mark.slow
 
@@ -123,20 +124,12 @@ def test_the_batch_job_takes_the_evaluation_s_steps(tmp_path, capsys, ray_sessio
 
 @pytest.fixture(scope="module")
 def api(ray_session, artifact_dir, upstream):
-    from ray import serve
-
-    from serve.app.builder import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     backends = {model: {"kind": "openai", "base_url": upstream, "timeout_s": 30, "max_retries": 0,
                         "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}} for model in POOL}
     config = {"artifact": str(artifact_dir), "backends": backends, "default_policy": "cascade", "max_attempts": len(POOL),
               "cooldown": {"allowed_fails": 1000}}  # the failing backends below must not cool down
-    serve.run(build_app(config), name="cascades", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with deployed(config, "cascades") as url, httpx.Client(base_url=url, timeout=120) as client:
         yield client
-    serve.shutdown()
 
 
 def ask(api, prompt, **fields):

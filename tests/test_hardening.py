@@ -22,6 +22,7 @@ import schemathesis
 from conftest import free_port, small_fit_config, synthetic_routing_set
 from fakes import FakeUpstream, serving
 from hypothesis import HealthCheck, given, settings, strategies
+from serve_fixtures import deployed
 
 from training.fit import fit_router
 
@@ -138,10 +139,6 @@ def artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, tmp_path_factory, artifact, upstream):
-    from ray import serve
-
-    from serve.app.builder import build_app
-
     keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text(f"{KEY}\n{SPENDER_KEY}\n")
     config = {
@@ -151,11 +148,8 @@ def base_url(ray_session, tmp_path_factory, artifact, upstream):
         "limits": LIMITS,
         "cooldown": NEVER_COOL,
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="hardened", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with deployed(config, "hardened") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -105,12 +105,13 @@ def app(ray_session, artifacts, upstream):
                "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}}
     # "mid" has its backend from the start: it joins the pool with the artifact that brings it.
     args = {"artifact": str(artifacts[0]), "backends": {model: backend for model in ("big", "small", NEW)}}
-    deploy(port, args)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        wait_for(lambda: client.get("/health").status_code == 200 and pool(client) == ["big", "small"], "the first pool")
-        yield client, port, args
-    serve.delete(APP)
-    serve.shutdown()
+    try:
+        deploy(port, args)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_for(lambda: client.get("/health").status_code == 200 and pool(client) == ["big", "small"], "the first pool")
+            yield client, port, args
+    finally:
+        serve.shutdown()  # also when the deploy failed: the next module starts a Serve of its own
 
 
 def ask(client, number: int) -> httpx.Response:

@@ -21,14 +21,16 @@ def cluster():
     was_running = ray.is_initialized()
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-    if was_running:
-        start_local_ray()
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster, workers
+    finally:  # the session's Ray comes back even when the cluster failed to start
+        ray.shutdown()
+        cluster.shutdown()
+        if was_running:
+            start_local_ray()
 
 
 def _live_actors(class_name: str) -> list[dict]:
