@@ -39,7 +39,9 @@ def start_local_ray():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every test that needs it (starting Ray costs seconds on 2 cores)."""
+    """One local Ray for every test that needs it (starting Ray costs seconds on 2 cores). Every test whose code
+    starts Ray asks for it: otherwise whichever such test runs first decides the session's Ray (its CPUs, its
+    dashboard) for all later ones, and the suite depends on the order."""
     yield start_local_ray()
 
 

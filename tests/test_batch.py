@@ -85,7 +85,9 @@ def test_bad_input_names_the_file_and_column(tmp_path, capsys, artifact_dir, nam
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_missing_input_and_a_non_empty_output(tmp_path, capsys, artifact_dir):
+def test_refuses_a_missing_input_and_a_non_empty_output(tmp_path, capsys, ray_session, artifact_dir):
+    # The output is checked once Ray is up (the job sizes its actors first): the session's Ray, not one this test
+    # would start with the machine's CPU count for every later test.
     code, err = run_job(capsys, "--artifact", artifact_dir, "--input", tmp_path / "nowhere.parquet", "--output", tmp_path / "out")
     assert code == 2 and "nowhere.parquet: no such file or folder" in err
     pd.DataFrame({"prompt": ["hi"]}).to_parquet(tmp_path / "in.parquet")
@@ -251,7 +253,7 @@ def test_missing_ranges_are_the_gaps_between_done_parts():
     assert missing_ranges([(0, 4), (4, 10)], 10) == []
 
 
-def test_resume_refuses_another_job_s_output(tmp_path, capsys, artifact_dir):
+def test_resume_refuses_another_job_s_output(tmp_path, capsys, ray_session, artifact_dir):
     pd.DataFrame({"prompt": ["hi", "ho"]}).to_parquet(tmp_path / "in.parquet")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "old.parquet").write_text("")
