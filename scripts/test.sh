@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The test command: every test, slow integration tests included, in file order, with the 20 slowest tests listed at
-# the end. SHUFFLE=1 runs them in a shuffled order instead (pytest-randomly), naming each test as it runs and
-# printing the seed first; `SHUFFLE=1 scripts/test.sh --randomly-seed=N` replays an order.
+# The test command: every test, slow integration tests included, in a shuffled order (pytest-randomly: the seed is
+# printed first and each test is named as it starts, so a failure can be replayed with `--randomly-seed=N`), with
+# the 20 slowest tests listed at the end. FILE_ORDER=1 runs them in file order instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-order=(-q -p no:randomly)
-[ "${SHUFFLE:-0}" = 1 ] && order=(-v -p randomly)
+order=(-v -p randomly)
+[ "${FILE_ORDER:-0}" = 1 ] && order=(-q -p no:randomly)
 .venv/bin/python -m pytest "${order[@]}" -rfE --durations=20 "$@"
