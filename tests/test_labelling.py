@@ -153,9 +153,8 @@ class Replay(FakeUpstream):
         self.reply(200, self.completion(model, text, {"prompt_tokens": len(content) // 4, "completion_tokens": len(text) // 4}))
 
 
-@pytest.fixture(scope="module")
-def recorded(shared_data):
-    """40 RouterBench multiple-choice prompts (each text once) with the pool's recorded answers and a reference
+def recorded_prompts(count: int, seed: int = 0) -> pd.DataFrame:
+    """`count` RouterBench multiple-choice prompts (each text once) with the pool's recorded answers and a reference
     letter (the one the models RouterBench marked correct chose)."""
     from training.datasets import load_dataset
 
@@ -165,9 +164,14 @@ def recorded(shared_data):
     once = np.isin(np.asarray(table.prompts, dtype=object), texts[counts == 1]) & (table.benchmarks != "mbpp")
     references = consensus_references(table.responses, table.scores)[:, 0]  # model 0's reference: the others' letter
     usable = np.flatnonzero(once & (references != None))  # noqa: E711 (an object array)
-    rows = np.sort(np.random.default_rng(0).choice(usable, 40, replace=False))
+    rows = np.sort(np.random.default_rng(seed).choice(usable, count, replace=False))
     return pd.DataFrame({"prompt": [table.prompts[r] for r in rows], "reference": references[rows],
                          "benchmark": table.benchmarks[rows], **{model: table.responses[rows, c] for model, c in zip(POOL, columns)}})
+
+
+@pytest.fixture(scope="module")
+def recorded(shared_data):
+    return recorded_prompts(40)
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +181,11 @@ def upstream(recorded):
         yield root
 
 
-def replay_pool(tmp_path, upstream, judge: bool = False):
+def replay_pool(tmp_path, upstream, judge: bool = False, models: list[str] = POOL):
+    """The pool file of `models` (each on the replay upstream), written into the folder `tmp_path`."""
     config = {"models": {model: {"backend": {"kind": "openai", "base_url": upstream, "max_retries": 1, "retry_backoff_s": 0.0},
                                  "price_in_per_mtok": PRICES[model][0], "price_out_per_mtok": PRICES[model][1], "concurrency": 4}
-                         for model in POOL}, "max_tokens": 64}
+                         for model in models}, "max_tokens": 64}
     if judge:
         config["llm_judge"] = {"base_url": upstream, "model": "judge", "max_retries": 0}
     return write_pool(tmp_path / "pool.yaml", config)

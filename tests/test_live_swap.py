@@ -119,9 +119,9 @@ def ask(client, number: int) -> httpx.Response:
                                                      "messages": [{"role": "user", "content": f"prompt {number} of kind 1 def f(): return 1"}]})
 
 
-def swap_under_load(client, port: int, args: dict, artifact, expected_pool: list[str]) -> list[httpx.Response]:
-    """Deploy `artifact` while CLIENTS threads keep requests in flight; stop AFTER_SWAP requests after the new pool
-    shows (at most MAX_REQUESTS, DEADLINE_S). Returns every response."""
+def swap_under_load(client, port: int, args: dict, artifact, expected_pool: list[str], ask=ask) -> list[httpx.Response]:
+    """Deploy `artifact` while CLIENTS threads keep requests in flight (`ask(client, number)` sends request `number`);
+    stop AFTER_SWAP requests after the new pool shows (at most MAX_REQUESTS, DEADLINE_S). Returns every response."""
     responses: list[httpx.Response] = []
     lock = threading.Lock()
     swapped_at: list[int] = []

@@ -11,13 +11,14 @@ def largest_node_cpus() -> int:
 
 
 def cpus_per_actor(num_actors: int) -> int:
-    """Share the cluster's CPUs among `num_actors` actors, at most one node's worth each so every actor fits.
+    """Share the CPUs free now among `num_actors` actors, at most one node's worth each, so that every actor fits
+    beside what already holds CPUs (a Serve app on the same cluster: the labelling job embeds there).
 
     Ray sets OMP_NUM_THREADS to an actor's CPU count, so this is also how many threads torch uses there.
     """
     import ray
 
-    return max(1, int(min(largest_node_cpus(), ray.cluster_resources().get("CPU", 1) / num_actors)))
+    return max(1, int(min(largest_node_cpus(), ray.available_resources().get("CPU", 1) / num_actors)))
 
 
 def use_assigned_cpus() -> None:

@@ -60,5 +60,4 @@ def _build(args: RouterAppConfig | dict | None) -> Application:
         specs,
         config,
         ledger,
-        artifact.posthoc is not None,
     )

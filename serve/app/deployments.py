@@ -8,7 +8,9 @@ that a long prompt never holds up the replica's event loop (and with it every ot
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +61,16 @@ class CascadeVerdict:
     posthoc_quality: dict[str, float]  # each answer obtained, judged against the others
 
 
+# Artifacts a Ranker replica keeps loaded after swapping them out, for the cascades that started on them.
+EARLIER_ARTIFACTS = 2
+
+
 @dataclass(frozen=True)
 class ServedArtifact:
     """The artifact a Ranker replica decides with, and what it derives from it: replaced whole on a swap, so a
     decision never mixes two artifacts."""
 
+    path: str  # as the `user_config` names it: the decisions' `artifact`
     artifact: RouterArtifact
     estimator: PostHocEstimator | None
     models: list[str]
@@ -79,11 +86,15 @@ class Ranker:
 
     The artifact is the deployment's `user_config` (`{"artifact": PATH}`): a new one set in serve.config and
     deployed (`serve deploy`) is loaded by `reconfigure` in the running replicas, no restart, and takes over
-    from the next decision; decisions under way finish on the artifact they started with."""
+    from the next decision. Each decision names its artifact, and every later step of a cascade is judged by that
+    one: the replica keeps the last EARLIER_ARTIFACTS it swapped out, and loads one it never served (a replica
+    that a swap reaches earlier or later than the one that decided)."""
 
     def __init__(self, capabilities: dict[str, Capabilities]):
         self.backend_capabilities = capabilities  # of every model with a backend, in the pool or declared ahead of it
         self.served: ServedArtifact | None = None
+        self.earlier: OrderedDict[str, ServedArtifact] = OrderedDict()  # path -> artifact, the latest used last
+        self.earlier_lock = threading.Lock()  # judged in threads
         self.decision_latency = Histogram(
             "finerouter_decision_latency_ms",
             description="Time of one routing decision inside the Ranker (features, MoE, ranking).",
@@ -91,9 +102,37 @@ class Ranker:
         )
 
     def reconfigure(self, user_config: dict) -> None:
-        artifact = RouterArtifact.load(user_config["artifact"])
-        self.served = ServedArtifact(artifact, artifact.posthoc, artifact.models,
-                                     [self.backend_capabilities.get(model, Capabilities()) for model in artifact.models])
+        served = self._load(user_config["artifact"])
+        with self.earlier_lock:
+            if self.served is not None and self.served.path != served.path:
+                self._keep(self.served)
+            self.earlier.pop(served.path, None)
+            self.served = served
+
+    def _load(self, path: str) -> ServedArtifact:
+        artifact = RouterArtifact.load(path)
+        return ServedArtifact(path, artifact, artifact.posthoc, artifact.models,
+                              [self.backend_capabilities.get(model, Capabilities()) for model in artifact.models])
+
+    def _keep(self, served: ServedArtifact) -> None:
+        self.earlier[served.path] = served
+        self.earlier.move_to_end(served.path)
+        while len(self.earlier) > EARLIER_ARTIFACTS:
+            self.earlier.popitem(last=False)
+
+    def _artifact_of(self, decision: RoutingDecision) -> ServedArtifact:
+        """The artifact `decision` was made with: the one served now, one swapped out lately, or loaded again."""
+        with self.earlier_lock:
+            served = self.served
+            if decision.artifact == served.path:
+                return served
+            if decision.artifact in self.earlier:
+                self.earlier.move_to_end(decision.artifact)
+                return self.earlier[decision.artifact]
+        loaded = self._load(decision.artifact)
+        with self.earlier_lock:
+            self._keep(loaded)
+        return loaded
 
     async def decide(self, embedded: tuple[np.ndarray, int], text: str, cost_weight: float,
                      candidates: list[str] | None = None, max_cost: float | None = None,
@@ -121,22 +160,20 @@ class Ranker:
         self.decision_latency.observe(elapsed_ms)
         return RoutingDecision(task=int(decision.task[0]), task_probability=float(decision.task_probability[0]),
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
-                               decision_ms=elapsed_ms)
+                               decision_ms=elapsed_ms, artifact=served.path, cascades=served.estimator is not None)
 
     async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                     answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         """The next step of a request's cascade: `decision` is its routing decision (the ex-ante estimates and
         costs), `answers` model -> (answer text, embedding of its opening) the answers obtained so far, and
-        `unavailable` the models whose backends failed."""
+        `unavailable` the models whose backends failed. Judged by the artifact that made `decision`."""
         return await asyncio.to_thread(self._judge, decision, candidates, max_cost, needs, answers, unavailable)
 
     def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
                answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
-        served = self.served
+        served = self._artifact_of(decision)
         models = served.models
         by_model = {entry.model: entry for entry in decision.ranking}
-        if set(by_model) != set(models):
-            raise RuntimeError("the router artifact was swapped during this cascade; send the request again")
         ex_ante = np.array([[by_model[model].predicted_quality for model in models]])
         cost = np.array([[by_model[model].estimated_cost for model in models]])
         responses = np.array([[answers[model][0] if model in answers else "" for model in models]], dtype=object)

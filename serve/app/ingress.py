@@ -159,13 +159,12 @@ def _caller(request: Request) -> Caller:
 @serve.ingress(app)
 class RouterIngress:
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, deployments: dict[str, DeploymentHandle],
-                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None,
-                 cascades: bool = False):
+                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None):
         backends = {model: PoolBackend(spec, deployments[spec.backend_id]) for model, spec in specs.items()}
         app.state.keyring = KeyRing(read_api_keys(config.access))
         app.state.max_body_bytes = config.limits.max_body_bytes
         self.config = config
-        self.chat = RoutedChat(embedder, ranker, backends, config, ledger, cascades)
+        self.chat = RoutedChat(embedder, ranker, backends, config, ledger)
 
     def reconfigure(self, user_config: dict) -> None:
         """The pool of the artifact in `user_config` (`{"artifact": PATH}`, the Ranker's): a new one set in serve.config
@@ -176,7 +175,7 @@ class RouterIngress:
         if missing:
             raise ValueError(f"{user_config['artifact']}: no backend for {missing}; add them under `backends` in the app's args "
                              f"(or leave them out to use the local stand-in) and deploy that first")
-        self.chat.use_pool(artifact.models, artifact.posthoc is not None)
+        self.chat.use_pool(artifact.models)
 
     @app.get("/health")
     async def health(self) -> dict:

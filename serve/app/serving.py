@@ -104,20 +104,17 @@ NO_ESTIMATOR = ("routed: the router artifact has no post-hoc estimator to judge 
 
 
 class RoutedChat:
-    """`cascades`: whether the artifact can judge answers (has a post-hoc estimator)."""
-
     def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
-                 config: RouterAppConfig, ledger: DeploymentHandle | None = None, cascades: bool = False):
+                 config: RouterAppConfig, ledger: DeploymentHandle | None = None):
         self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
         self.pool = list(backends)  # the models served now: the artifact's (`use_pool`); `backends` may hold more
-        self.cascades = cascades
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
-    def use_pool(self, models: list[str], cascades: bool) -> None:
+    def use_pool(self, models: list[str]) -> None:
         """Serve these models from now on (a swapped artifact's pool, each with a backend). Requests under way keep
         their backends: `backends` only grows."""
-        self.pool, self.cascades = list(models), cascades
+        self.pool = list(models)
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.pool])
@@ -181,7 +178,7 @@ class RoutedChat:
         if request.model == ROUTER_MODEL:
             decision = await self.route(routing_text(request.messages), request, needs, caller)
             if (request.policy or self.config.default_policy) == "cascade":
-                if self.cascades:
+                if decision.cascades:  # the artifact that decided can judge answers
                     return await self._cascade(request, decision, needs, caller)
                 note = NO_ESTIMATOR
             order, cost = decision.eligible_models(), decision.estimated_cost
@@ -243,7 +240,7 @@ class RoutedChat:
         fallbacks: list[Fallback] = []
         while len(fallbacks) < self.config.max_attempts:
             verdict = await self._within_capacity(self.ranker.judge.remote(
-                decision, request.candidates, request.max_cost, needs, answers, sorted(unavailable)))
+                decision, decision.candidates(), request.max_cost, needs, answers, sorted(unavailable)))
             if verdict.next_model is None:
                 break
             model = verdict.next_model
