@@ -183,10 +183,10 @@ def test_label_fit_serve_onboard_and_swap_live(tmp_path, capsys, ray_session, lo
     ahead.reconfigure({"artifact": str(tmp_path / "router_v2")})
     decision = asyncio.run(deciding.decide((embedding, 100), held, 0.0))
     first = {"answers": {}, "unavailable": []}
-    step = asyncio.run(deciding.judge(decision, decision.candidates(), None, Needs(), **first))
-    assert asyncio.run(ahead.judge(decision, decision.candidates(), None, Needs(), **first)) == step
+    step = asyncio.run(deciding.judge(decision, None, Needs(), **first))
+    assert asyncio.run(ahead.judge(decision, None, Needs(), **first)) == step
     answer = HeldReplay.answers[(step.next_model, held)]
     second = {"answers": {step.next_model: (answer, embed_texts([answer_opening(answer)], router.embedder, use_ray=False)[0])},
               "unavailable": []}
-    assert asyncio.run(ahead.judge(decision, decision.candidates(), None, Needs(), **second)) == \
-        asyncio.run(deciding.judge(decision, decision.candidates(), None, Needs(), **second))
+    assert asyncio.run(ahead.judge(decision, None, Needs(), **second)) == \
+        asyncio.run(deciding.judge(decision, None, Needs(), **second))

@@ -162,14 +162,15 @@ class Ranker:
                                cost_weight=cost_weight, prompt_tokens=int(prompt_tokens), ranking=ranking,
                                decision_ms=elapsed_ms, artifact=served.path, cascades=served.estimator is not None)
 
-    async def judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
+    async def judge(self, decision: RoutingDecision, max_cost: float | None, needs: Needs,
                     answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         """The next step of a request's cascade: `decision` is its routing decision (the ex-ante estimates and
-        costs), `answers` model -> (answer text, embedding of its opening) the answers obtained so far, and
-        `unavailable` the models whose backends failed. Judged by the artifact that made `decision`."""
-        return await asyncio.to_thread(self._judge, decision, candidates, max_cost, needs, answers, unavailable)
+        costs, among the candidates it was asked to choose from), `answers` model -> (answer text, embedding of its
+        opening) the answers obtained so far, and `unavailable` the models whose backends failed. Judged by the
+        artifact that made `decision`."""
+        return await asyncio.to_thread(self._judge, decision, max_cost, needs, answers, unavailable)
 
-    def _judge(self, decision: RoutingDecision, candidates: list[str] | None, max_cost: float | None, needs: Needs,
+    def _judge(self, decision: RoutingDecision, max_cost: float | None, needs: Needs,
                answers: dict[str, tuple[str, np.ndarray]], unavailable: list[str]) -> CascadeVerdict:
         served = self._artifact_of(decision)
         models = served.models
@@ -182,7 +183,7 @@ class Ranker:
             if model in answers:
                 embeddings[0, index] = answers[model][1]
         ran = np.isin(models, list(answers))[None]
-        candidate, lacking = _admissible(served, candidates, needs.with_prompt_tokens(decision.prompt_tokens))
+        candidate, lacking = _admissible(served, decision.candidates(), needs.with_prompt_tokens(decision.prompt_tokens))
         allowed = candidate & _capable(lacking) & ~np.isin(models, unavailable)
         judgement = next_step(served.estimator, ex_ante, cost, ran, *judged_answers(responses, embeddings), decision.cost_weight,
                               served.artifact.cost_scale, allowed=allowed[None], cost_cap=max_cost)

@@ -240,7 +240,7 @@ class RoutedChat:
         fallbacks: list[Fallback] = []
         while len(fallbacks) < self.config.max_attempts:
             verdict = await self._within_capacity(self.ranker.judge.remote(
-                decision, decision.candidates(), request.max_cost, needs, answers, sorted(unavailable)))
+                decision, request.max_cost, needs, answers, sorted(unavailable)))
             if verdict.next_model is None:
                 break
             model = verdict.next_model
