@@ -11,9 +11,10 @@ from conftest import free_port
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT = REPO / "artifacts" / "llmrouter_9model"
 TOOLS_TEMPLATE = REPO / "tests" / "data" / "smollm2_tools.jinja"
-# The stand-in engine with vLLM's tool parser and a template that shows SmolLM2 the tools: tool-capable.
+# The stand-in engine with vLLM's tool parser and a template that shows SmolLM2 the tools: tool-capable. The strict
+# level pins each call's arguments to its tool's schema (SmolLM2-135M alone often writes arguments that no client parses).
 TOOL_CALLING_ENGINE = {"engine_kwargs": {"enable_auto_tool_choice": True, "tool_call_parser": "hermes",
-                                         "chat_template": str(TOOLS_TEMPLATE)}}
+                                         "tool_strict_level": "parameter", "chat_template": str(TOOLS_TEMPLATE)}}
 _trained: dict[str, Path] = {}
 
 

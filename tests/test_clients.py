@@ -301,9 +301,12 @@ def test_the_langchain_snippet(base_url, pool):
     snippet = run_snippet("langchain", {"__name__": "docs_langchain"}, port_8000=base_url)
     assert isinstance(snippet["by_schema"], snippet["City"])  # vLLM's structured output holds the stand-in to the schema
     assert snippet["streamed"].strip() and len(snippet["answers"]) == 2
-    # Function calling and bound tools go to the models that declare tool calls (what SmolLM2 then says is its own).
+    # Function calling and bound tools go to the models that declare tool calls, whose engine holds the arguments
+    # to the tool's schema (tool_strict_level: parameter); what SmolLM2 puts in them is its own.
     assert snippet["by_function"]["raw"].response_metadata["model_name"] in with_tools
+    assert isinstance(snippet["by_function"]["parsed"], snippet["City"])
     assert snippet["tool_reply"].response_metadata["model_name"] in with_tools
+    assert [call["name"] for call in snippet["tool_reply"].tool_calls] == ["get_weather"]
 
 
 def test_the_batch_job_routes_only_among_the_models_that_can_serve_its_needs(pool, tmp_path, capsys):
