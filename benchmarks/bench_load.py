@@ -2,13 +2,17 @@
 
 Runs the app as a user does (`serve run` on a copy of `serve.config`, so its deployment settings, queue bounds
 included, apply), with every pool model sent to a fast fake OpenAI upstream in a process of its own, so the chat
-figures measure the router (ingress, Embedder, Ranker, the OpenAIEndpoint hop), not a model. For each route,
+figures measure the router (the ingress and its decisions, the Embedder, the OpenAIEndpoint hop), not a model. For each route,
 `--clients` clients send requests back to back for `--duration` seconds; the script prints requests, throughput,
 p50 and p99 of the answered requests, and the count of each status. The only failures allowed are deliberate
 backpressure answers (503 with Retry-After, which the client honours before its next request); any other
 answer makes it exit with 1.
 
-    python benchmarks/bench_load.py [--clients 200] [--duration 60] [--artifact artifacts/llmrouter_9model]
+The prompts are test-split prompts of llmrouter_9model. Once the app is down, the same prompts are encoded in this
+process, batched, on every core: what the machine can encode without Serve, the baseline of `/v1/route`'s
+throughput (goal: at least GOAL of it).
+
+    python benchmarks/bench_load.py [--clients 64] [--duration 60] [--artifact artifacts/llmrouter_9model]
 
 The clients run in this process, on the same cores as the app.
 """
@@ -36,9 +40,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = ["What is the capital of France?", "Solve for x: 3x + 7 = 22.", "Write a haiku about autumn leaves.",
-           "def add(a, b): return a + b  # why does this fail on strings?", "Translate 'good morning' into Spanish.",
-           "Which of the following is a prime number? A) 21 B) 23 C) 25 D) 27"]
+GOAL = 0.8  # /v1/route answers per second, as a share of the bare batched encode's prompts per second
 
 
 def _free_port() -> int:
@@ -125,6 +127,32 @@ async def load(url: str, bodies: list[dict], clients: int, duration_s: float) ->
     return {"latencies": latencies, "statuses": statuses, "unexpected": unexpected, "elapsed": elapsed}
 
 
+def bare_batched_encode(texts: list[str], embedder: str, min_seconds: float = 20.0) -> float:
+    """Prompts/s of the Embedder's encode step (the same window of each prompt, the same forward batches) in this
+    process on every core, passes over `texts` repeated for at least `min_seconds`."""
+    import torch
+
+    from serve.core.encoder import encode, load_encoder
+    from serve.core.features import WINDOW_CHARS
+
+    torch.set_num_threads(os.cpu_count())
+    encoder = load_encoder(embedder, device="cpu")
+    windows = [text[:WINDOW_CHARS] for text in texts]
+    encode(encoder, windows[:16])  # warm-up
+    encoded, started = 0, time.perf_counter()
+    while time.perf_counter() - started < min_seconds:
+        encode(encoder, windows)
+        encoded += len(windows)
+    return encoded / (time.perf_counter() - started)
+
+
+def test_prompts(count: int) -> list[str]:
+    from training.datasets import load_dataset
+
+    table = load_dataset("llmrouter_9model")
+    return [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[:count]]
+
+
 def report(name: str, result: dict) -> str:
     answered = result["latencies"]
     p50, p99 = (np.percentile(answered, [50, 99]) if answered else (float("nan"),) * 2)
@@ -136,11 +164,16 @@ def report(name: str, result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60, help="seconds per route")
     parser.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "llmrouter_9model")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the app to come up")
+    parser.add_argument("--prompts", type=int, default=200, help="test-split prompts to cycle through")
     args = parser.parse_args()
+
+    from serve.core.artifact import RouterArtifact
+
+    prompts = test_prompts(args.prompts)
 
     upstream_port, app_port = _free_port(), _free_port()
     upstream = multiprocessing.get_context("spawn").Process(target=run_fake_upstream, args=(upstream_port,), daemon=True)
@@ -154,8 +187,8 @@ def main() -> int:
                                   stderr=open(Path(folder) / "serve.log", "w"))
         try:
             asyncio.run(wait_until_up(base, args.start_timeout))
-            route_bodies = [{"prompt": prompt} for prompt in PROMPTS]
-            chat_bodies = [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16} for prompt in PROMPTS]
+            route_bodies = [{"prompt": prompt} for prompt in prompts]
+            chat_bodies = [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16} for prompt in prompts]
             asyncio.run(load(f"{base}/v1/route", route_bodies, 8, 5))  # warm-up: connections, batching, caches
             results = {"/v1/route": asyncio.run(load(f"{base}/v1/route", route_bodies, args.clients, args.duration)),
                        "/v1/chat/completions": asyncio.run(load(f"{base}/v1/chat/completions", chat_bodies, args.clients, args.duration))}
@@ -166,11 +199,15 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
             upstream.terminate()
-    print(f"\n{os.cpu_count()} CPUs, {args.clients} clients for {args.duration:g} s per route, loopback; "
-          f"latency of the answered (200) requests\n")
+    bare = bare_batched_encode(prompts, RouterArtifact.load(args.artifact).embedder)
+    print(f"\n{os.cpu_count()} CPUs, {args.clients} clients for {args.duration:g} s per route, loopback, {len(prompts)} "
+          f"test-split prompts of llmrouter_9model; latency of the answered (200) requests\n")
     print("| route | requests | answered/s | p50 ms | p99 ms | statuses | other errors |\n|---|---|---|---|---|---|---|")
     for name, result in results.items():
         print(report(name, result))
+    share = len(results["/v1/route"]["latencies"]) / results["/v1/route"]["elapsed"] / bare
+    print(f"\nbare batched encode, {os.cpu_count()} threads: {bare:.1f} prompts/s; /v1/route answered {share:.2f}x of it "
+          f"(goal >= {GOAL}x: {'met' if share >= GOAL else 'missed'})")
     return 1 if any(result["unexpected"] for result in results.values()) else 0
 
 

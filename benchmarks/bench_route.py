@@ -3,7 +3,7 @@
 Deploys the app of `serve.config` (its args, with Serve's code defaults for the deployments) and a no-op FastAPI
 deployment beside it, then, on 127.0.0.1 only:
 - `/v1/route` at each concurrency: p50, p99 and throughput over a bounded number of requests;
-- the Ranker's own decision time (the `decision_ms` each response reports);
+- the decision's own time in the ingress (the `decision_ms` each response reports);
 - a bare sentence-transformers encode of the same prompts in this process, one at a time, with as many torch
   threads as the Embedder replica gets (Ray gives a fractional-CPU actor one);
 - the no-op hop: the same HTTP request to a deployment that does nothing.
@@ -126,7 +126,7 @@ def main() -> None:
     rows.append(("no-op Serve hop", 1, *_percentiles(hop), hop_throughput))
     encode_ms = _bare_encode_ms(texts, embedder, args.encode_threads)
     rows.append((f"bare encode ({args.encode_threads} thread)", 1, *_percentiles(encode_ms), 1e3 / np.mean(encode_ms)))
-    rows.append(("decision inside the Ranker", "all", *_percentiles(decision_ms), float("nan")))
+    rows.append(("decision in the ingress", "all", *_percentiles(decision_ms), float("nan")))
 
     print(f"\n{os.cpu_count()} CPUs, {len(texts)} test-split prompts of llmrouter_9model, {args.requests} requests per level\n")
     print("| what | concurrency | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|")

@@ -65,14 +65,14 @@ def upstream():
 
 
 def deploy(port: int, args: dict, served_artifact=None) -> None:
-    """Apply a serve.config-style config to the running Serve instance; `served_artifact` goes to the Ranker's and
-    the ingress's `user_config`, as an operator sets it in serve.config's `deployments:`."""
+    """Apply a serve.config-style config to the running Serve instance; `served_artifact` goes to the ingress's
+    `user_config`, as an operator sets it in serve.config's `deployments:`."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     deployments = [{"name": "Embedder", "ray_actor_options": {"num_cpus": 0.2}}]
     if served_artifact is not None:
-        deployments += [{"name": name, "user_config": {"artifact": str(served_artifact)}} for name in ("Ranker", "RouterIngress")]
+        deployments.append({"name": "RouterIngress", "user_config": {"artifact": str(served_artifact)}})
     config = {"http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app.builder:build_app", "args": args,
                                 "deployments": deployments}]}

@@ -150,7 +150,7 @@ def test_shipped_configs_validate(name):
     assert application["import_path"] == "serve.app.builder:build_app"
     config = RouterAppConfig.model_validate(application["args"])
     assert config.artifact == "artifacts/llmrouter_9model"
-    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder", "Ranker"}
+    assert {d["name"] for d in application["deployments"]} == {"RouterIngress", "Embedder"}
     assert all("max_queued_requests" in d for d in application["deployments"])
 
 

@@ -1,5 +1,6 @@
 """The HTTP app: `protocol` (the OpenAI request and response models), `serving` (what a request does),
-`ingress` (the HTTP routes and the gate before them), `deployments` (the Embedder and the Ranker), `access`,
+`ingress` (the HTTP routes and the gate before them), `ranker` (the decision, made in the ingress), `deployments`
+(the Embedder), `access`,
 `app_config` (the `args` of `serve.config`) and `builder` (`build_app(args) -> Application`)."""
 
 

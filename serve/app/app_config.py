@@ -1,8 +1,8 @@
 """The application's configuration: the `args` of `serve.config`, validated before anything deploys.
 
 Per-deployment Serve options (replicas, `autoscaling_config`, `max_ongoing_requests`, `max_queued_requests`,
-`ray_actor_options`) of the ingress, the Embedder and the Ranker are overridden in `serve.config`'s
-`deployments:` list by name (`RouterIngress`, `Embedder`, `Ranker`). Backends carry theirs here, in `deployment_config`, as Ray Serve
+`ray_actor_options`) of the ingress and the Embedder are overridden in `serve.config`'s
+`deployments:` list by name (`RouterIngress`, `Embedder`). Backends carry theirs here, in `deployment_config`, as Ray Serve
 LLM's `LLMConfig` does, because their deployments are named after the model and built from this config.
 """
 

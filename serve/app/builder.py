@@ -1,4 +1,4 @@
-"""The Serve application: `build_app(args)` wires ingress -> Embedder -> Ranker -> backend pool.
+"""The Serve application: `build_app(args)` wires the ingress (which decides) -> Embedder, and the backend pool.
 
     serve run serve.config                 # the YAML names serve.app.builder:build_app and holds its args
     serve.run(build_app({...}))            # the same from Python
@@ -14,7 +14,7 @@ from ray.serve import Application
 
 from serve.app.access import SpendLedger
 from serve.app.app_config import RouterAppConfig
-from serve.app.deployments import Embedder, Ranker
+from serve.app.deployments import Embedder
 from serve.app.ingress import RouterIngress
 from serve.app.startup import stop_serve_run
 from serve.backends.build import build_backends
@@ -50,12 +50,10 @@ def _build(args: RouterAppConfig | dict | None) -> Application:
     models = artifact.models + [model for model in config.backends if model not in artifact.models]
     deployments, specs = build_backends(models, config.backends, config.local)
     ledger = SpendLedger.bind(config.access.spend_period_s) if config.access.spend_limit_usd is not None else None
-    # The artifact travels as the Ranker's and the ingress's `user_config`: serve.config's `deployments:` entries
-    # can set a new one, which `serve deploy` swaps in place (their `reconfigure`), no replica restarted.
-    served = {"artifact": str(artifact.path)}
-    return RouterIngress.options(user_config=served).bind(
+    # The artifact travels as the ingress's `user_config`: serve.config's `deployments:` entry can set a new one, which
+    # `serve deploy` swaps in place (its `reconfigure`), no replica restarted.
+    return RouterIngress.options(user_config={"artifact": str(artifact.path)}).bind(
         Embedder.bind(artifact.embedder, config.embedder),
-        Ranker.options(user_config=served).bind({model: spec.capabilities for model, spec in specs.items()}),
         deployments,
         specs,
         config,

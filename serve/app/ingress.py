@@ -40,7 +40,6 @@ from serve.app.serving import (
 )
 from serve.backends.build import BackendSpec
 from serve.backends.pool import PoolBackend
-from serve.core.artifact import RouterArtifact
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = "x-request-id"
@@ -158,24 +157,19 @@ def _caller(request: Request) -> Caller:
 @serve.deployment(name="RouterIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=256)
 @serve.ingress(app)
 class RouterIngress:
-    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, deployments: dict[str, DeploymentHandle],
-                 specs: dict[str, BackendSpec], config: RouterAppConfig, ledger: DeploymentHandle | None = None):
+    def __init__(self, embedder: DeploymentHandle, deployments: dict[str, DeploymentHandle], specs: dict[str, BackendSpec],
+                 config: RouterAppConfig, ledger: DeploymentHandle | None = None):
         backends = {model: PoolBackend(spec, deployments[spec.backend_id]) for model, spec in specs.items()}
         app.state.keyring = KeyRing(read_api_keys(config.access))
         app.state.max_body_bytes = config.limits.max_body_bytes
         self.config = config
-        self.chat = RoutedChat(embedder, ranker, backends, config, ledger)
+        self.chat = RoutedChat(embedder, backends, config, ledger)
 
     def reconfigure(self, user_config: dict) -> None:
-        """The pool of the artifact in `user_config` (`{"artifact": PATH}`, the Ranker's): a new one set in serve.config
-        and deployed (`serve deploy`) changes the pool in place, no restart. Each model needs a backend, configured
-        when the app was built (a `backends` entry may name a model ahead of the artifact that brings it)."""
-        artifact = RouterArtifact.load(user_config["artifact"])
-        missing = [model for model in artifact.models if model not in self.chat.backends]
-        if missing:
-            raise ValueError(f"{user_config['artifact']}: no backend for {missing}; add them under `backends` in the app's args "
-                             f"(or leave them out to use the local stand-in) and deploy that first")
-        self.chat.use_pool(artifact.models)
+        """The artifact to decide with, `user_config` `{"artifact": PATH}`: a new one set in serve.config and deployed
+        (`serve deploy`) is swapped in, pool and all, no restart. Each model needs a backend, configured when the app
+        was built (a `backends` entry may name a model ahead of the artifact that brings it)."""
+        self.chat.use(user_config["artifact"])
 
     @app.get("/health")
     async def health(self) -> dict:

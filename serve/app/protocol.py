@@ -246,10 +246,6 @@ class RoutingDecision(BaseModel):
     prompt_tokens: int
     ranking: list[RankedModel]
     decision_ms: float  # time the Ranker spent deciding (not counting the embedding)
-    # The artifact that decided (the Ranker's `user_config` path) and whether it can judge answers: a cascade's later
-    # steps are judged by the same artifact, though the router is swapped meanwhile. Internal: not in the API's bodies.
-    artifact: str = Field("", exclude=True)
-    cascades: bool = Field(False, exclude=True)
 
     def eligible_models(self) -> list[str]:
         """The models to try in turn: the eligible ones, best first."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter
+from ray.serve.metrics import Counter, Histogram
 
 from serve.app.app_config import RouterAppConfig
 from serve.app.protocol import (
@@ -36,6 +36,7 @@ from serve.app.protocol import (
     routing_text,
     text_completion,
 )
+from serve.app.ranker import Ranker
 from serve.backends.cooldown import Cooldowns
 from serve.backends.failures import BackendFailure
 from serve.backends.pool import PoolBackend
@@ -84,6 +85,9 @@ class _Metrics:
     fallbacks: Counter = field(default_factory=lambda: Counter(
         "finerouter_fallbacks", description="Backend failures that handed a request to the next model, by failed model.",
         tag_keys=("model",)))
+    decision_latency: Histogram = field(default_factory=lambda: Histogram(
+        "finerouter_decision_latency_ms", description="Time of one routing decision (features, MoE, ranking), embedding aside.",
+        boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50]))
 
 
 def check_limits(request: OutputSize, messages: list[ChatMessage] | None, config: RouterAppConfig) -> None:
@@ -104,17 +108,27 @@ NO_ESTIMATOR = ("routed: the router artifact has no post-hoc estimator to judge 
 
 
 class RoutedChat:
-    def __init__(self, embedder: DeploymentHandle, ranker: DeploymentHandle, backends: dict[str, PoolBackend],
-                 config: RouterAppConfig, ledger: DeploymentHandle | None = None):
-        self.embedder, self.ranker, self.backends, self.config, self.ledger = embedder, ranker, backends, config, ledger
-        self.pool = list(backends)  # the models served now: the artifact's (`use_pool`); `backends` may hold more
+    def __init__(self, embedder: DeploymentHandle, backends: dict[str, PoolBackend], config: RouterAppConfig,
+                 ledger: DeploymentHandle | None = None):
+        self.embedder, self.backends, self.config, self.ledger = embedder, backends, config, ledger
+        self.ranker: Ranker | None = None  # the artifact served now (`use`); `backends` may hold more models than its pool
         self.cooldowns = Cooldowns(config.cooldown)
         self.metrics = _Metrics()
 
-    def use_pool(self, models: list[str]) -> None:
-        """Serve these models from now on (a swapped artifact's pool, each with a backend). Requests under way keep
-        their backends: `backends` only grows."""
-        self.pool = list(models)
+    def use(self, artifact: str) -> None:
+        """Decide with the artifact at this path from the next request on (at start, and on a live swap). Each of its
+        models needs a backend, configured when the app was built. Requests under way keep their Ranker and backends."""
+        ranker = Ranker.load(artifact, {model: backend.spec.capabilities for model, backend in self.backends.items()})
+        missing = [model for model in ranker.models if model not in self.backends]
+        if missing:
+            raise ValueError(f"{artifact}: no backend for {missing}; add them under `backends` in the app's args "
+                             f"(or leave them out to use the local stand-in) and deploy that first")
+        self.ranker = ranker
+
+    @property
+    def pool(self) -> list[str]:
+        """The models served now."""
+        return self.ranker.models
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=ROUTER_MODEL)] + [ModelCard(id=model) for model in self.pool])
@@ -128,9 +142,11 @@ class RoutedChat:
         return [{"model": model, "backend": self.backends[model].spec.backend_id, **self.cooldowns.status(self.backends[model].spec.backend_id)}
                 for model in self.pool]
 
-    async def route(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
-        """The ranking; 400 naming the field when no candidate can serve the request."""
-        decision = await self._rank(text, controls, needs, caller)
+    async def route(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller,
+                    ranker: Ranker | None = None) -> RoutingDecision:
+        """The ranking by `ranker` (by default the one served now); 400 naming the field when no candidate can serve
+        the request."""
+        decision = await self._rank(ranker or self.ranker, text, controls, needs, caller)
         if not decision.eligible_models():
             raise self._unservable(decision, needs.with_prompt_tokens(decision.prompt_tokens))
         return decision
@@ -148,23 +164,22 @@ class RoutedChat:
         return APIError(400, f"{param}: none of the models considered can serve it ({reasons}); leave the field out, or "
                              "send the request to a pool that declares the capability", param=param, code=UNSUPPORTED)
 
-    async def _rank(self, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
+    async def _rank(self, ranker: Ranker, text: str, controls: RoutingControls, needs: Needs, caller: Caller) -> RoutingDecision:
         if controls.candidates is not None:
-            unknown = sorted(set(controls.candidates) - set(self.pool))
+            unknown = sorted(set(controls.candidates) - set(ranker.models))
             if unknown:
-                raise APIError(400, f"unknown candidates {unknown}; the pool is {self.pool}", param="candidates")
+                raise APIError(400, f"unknown candidates {unknown}; the pool is {ranker.models}", param="candidates")
         if self.config.access.log_prompts:
             logger.info("request %s: routing prompt %r", caller.request_id, text[:LOGGED_PROMPT_CHARS])
-        # The embedding goes from the Embedder to the Ranker without a round trip through this replica.
-        embedded = self.embedder.embed.remote(text)
-        # This replica's pool bounds the candidates: while an artifact swap reaches the replicas one by one, the
-        # Ranker may already (or still) know a model this replica does not serve.
-        return await self._within_capacity(self.ranker.decide.remote(
-            embedded, text, controls.resolved_cost_weight(self.config.default_preset), controls.candidates or self.pool,
-            controls.max_cost, needs))
+        embedding, prompt_tokens = await self._within_capacity(self.embedder.embed.remote(text))
+        decision = await asyncio.to_thread(ranker.decide, embedding, prompt_tokens, text,
+                                           controls.resolved_cost_weight(self.config.default_preset),
+                                           controls.candidates or ranker.models, controls.max_cost, needs)
+        self.metrics.decision_latency.observe(decision.decision_ms)
+        return decision
 
     async def _within_capacity(self, call):
-        """The result of a call to the Embedder or the Ranker; 503 when its queue is full."""
+        """The result of a call to the Embedder; 503 when its queue is full."""
         try:
             return await call
         except BackPressureError:
@@ -176,10 +191,11 @@ class RoutedChat:
         await self._check_spend(caller)
         note, needs = None, request.needs()
         if request.model == ROUTER_MODEL:
-            decision = await self.route(routing_text(request.messages), request, needs, caller)
+            ranker = self.ranker  # decides, and judges the cascade's answers, though another is swapped in meanwhile
+            decision = await self.route(routing_text(request.messages), request, needs, caller, ranker)
             if (request.policy or self.config.default_policy) == "cascade":
-                if decision.cascades:  # the artifact that decided can judge answers
-                    return await self._cascade(request, decision, needs, caller)
+                if ranker.cascades:
+                    return await self._cascade(request, ranker, decision, needs, caller)
                 note = NO_ESTIMATOR
             order, cost = decision.eligible_models(), decision.estimated_cost
         elif request.model in self.pool:
@@ -193,7 +209,7 @@ class RoutedChat:
                                f"{ROUTER_MODEL!r} to be routed to a model that can", param=lacking.field, code=UNSUPPORTED)
             decision, order, cost = None, [request.model], None
             if self.ledger is not None and caller.key is not None:  # spend is counted on the router's estimate
-                cost = (await self._rank(routing_text(request.messages), RoutingControls(), Needs(), caller)).estimated_cost
+                cost = (await self._rank(self.ranker, routing_text(request.messages), RoutingControls(), Needs(), caller)).estimated_cost
         else:
             raise APIError(404, f"the model {request.model!r} does not exist; use {ROUTER_MODEL!r} or one of {self.pool}",
                            param="model", code="model_not_found")
@@ -228,19 +244,19 @@ class RoutedChat:
         retry_after = min((self.cooldowns.seconds_left(backend_id) for backend_id in cooling), default=None) if not tried else None
         raise _unanswered(fallbacks, retry_after or self.config.limits.retry_after_s)
 
-    async def _cascade(self, request: ChatCompletionRequest, decision: RoutingDecision, needs: Needs, caller: Caller) -> ChatResult:
-        """Cascade routing: ask the model the Ranker picks, without streaming; have its answer embedded (Embedder)
-        and every answer so far judged (Ranker); go on until the Ranker stops, then return the best answer (streamed
-        when asked). A failed or cooling backend is not asked again, as under routing, and after `max_attempts`
-        failures the cascade stops with the best answer it has."""
+    async def _cascade(self, request: ChatCompletionRequest, ranker: Ranker, decision: RoutingDecision, needs: Needs,
+                       caller: Caller) -> ChatResult:
+        """Cascade routing: ask the model `ranker` picks, without streaming; have its answer embedded (Embedder)
+        and every answer so far judged (`ranker`, the one that made `decision`); go on until it stops, then return
+        the best answer (streamed when asked). A failed or cooling backend is not asked again, as under routing, and
+        after `max_attempts` failures the cascade stops with the best answer it has."""
         body = {name: value for name, value in request.backend_body().items() if name not in ("stream", "stream_options")}
         completions: dict[str, dict] = {}  # in the order the models were asked
         answers: dict[str, tuple[str, object]] = {}
         unavailable: set[str] = set()
         fallbacks: list[Fallback] = []
         while len(fallbacks) < self.config.max_attempts:
-            verdict = await self._within_capacity(self.ranker.judge.remote(
-                decision, request.max_cost, needs, answers, sorted(unavailable)))
+            verdict = await asyncio.to_thread(ranker.judge, decision, request.max_cost, needs, answers, sorted(unavailable))
             if verdict.next_model is None:
                 break
             model = verdict.next_model
