@@ -13,6 +13,7 @@ process, batched, on every core: what the machine can encode without Serve, the 
 throughput (goal: at least GOAL of it).
 
     python benchmarks/bench_load.py [--clients 64] [--duration 60] [--artifact artifacts/llmrouter_9model]
+    python benchmarks/bench_load.py --routes /v1/route --duration 30 --embedder 16:0.002:16 16:0.002:32 32:0.005:64
 
 The clients run in this process, on the same cores as the app.
 """
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +43,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.8  # /v1/route answers per second, as a share of the bare batched encode's prompts per second
+ROUTES = ("/v1/route", "/v1/chat/completions")
 
 
 def _free_port() -> int:
@@ -66,8 +69,31 @@ def run_fake_upstream(port: int) -> None:
                 log_level="warning", backlog=2048)
 
 
-def write_serve_config(folder: Path, artifact: Path, upstream: str, port: int) -> Path:
-    """serve.config with every pool model on the fake upstream and the app on `port`."""
+@dataclass(frozen=True)
+class EmbedderSetting:
+    """The Embedder's batching (`args.embedder`) and its replica's bounds (its `deployments:` entry)."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_ongoing_requests: int
+    threads: int | None = None  # the encoder's torch threads; None: as Ray sets them
+
+    @classmethod
+    def parse(cls, text: str) -> EmbedderSetting:
+        """SIZE:WAIT_S:ONGOING[:THREADS], e.g. 16:0.002:32."""
+        fields = text.split(":")
+        if len(fields) not in (3, 4):
+            raise argparse.ArgumentTypeError(f"{text!r}: give SIZE:WAIT_S:ONGOING[:THREADS]")
+        return cls(int(fields[0]), float(fields[1]), int(fields[2]), int(fields[3]) if len(fields) == 4 else None)
+
+    def __str__(self) -> str:
+        return (f"batch {self.max_batch_size}, wait {self.batch_wait_timeout_s * 1e3:g} ms, ongoing {self.max_ongoing_requests}"
+                f"{f', {self.threads} threads' if self.threads else ''}")
+
+
+def write_serve_config(folder: Path, artifact: Path, upstream: str, port: int, setting: EmbedderSetting | None) -> Path:
+    """serve.config with every pool model on the fake upstream, the app on `port` and, when given, the Embedder's
+    setting (its queue bound as large as its ongoing bound)."""
     from serve.core.artifact import RouterArtifact
 
     config = yaml.safe_load((REPO / "serve.config").read_text())
@@ -76,6 +102,11 @@ def write_serve_config(folder: Path, artifact: Path, upstream: str, port: int) -
     app["args"]["artifact"] = str(artifact)
     app["args"]["backends"] = {model: {"kind": "openai", "base_url": upstream, "timeout_s": 30}
                                for model in RouterArtifact.load(artifact).models}
+    if setting is not None:
+        app["args"]["embedder"].update(max_batch_size=setting.max_batch_size, batch_wait_timeout_s=setting.batch_wait_timeout_s,
+                                       threads=setting.threads)
+        deployment = next(entry for entry in app["deployments"] if entry["name"] == "Embedder")
+        deployment.update(max_ongoing_requests=setting.max_ongoing_requests, max_queued_requests=setting.max_ongoing_requests)
     path = folder / "serve.config"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -153,13 +184,39 @@ def test_prompts(count: int) -> list[str]:
     return [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[:count]]
 
 
-def report(name: str, result: dict) -> str:
+def report(setting: str, route: str, result: dict, bare: float) -> str:
     answered = result["latencies"]
     p50, p99 = (np.percentile(answered, [50, 99]) if answered else (float("nan"),) * 2)
     total = sum(result["statuses"].values())
     statuses = ", ".join(f"{status}: {count}" for status, count in sorted(result["statuses"].items(), key=str))
-    return (f"| {name} | {total} | {len(answered) / result['elapsed']:.1f} | {p50:.0f} | {p99:.0f} | {statuses} | "
-            f"{sum(result['unexpected'].values())} |")
+    rate = len(answered) / result["elapsed"]
+    return (f"| {setting} | {route} | {total} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {statuses} | "
+            f"{sum(result['unexpected'].values())} | {rate / bare:.2f} |")
+
+
+def run_app(args, setting: EmbedderSetting | None, bodies: dict[str, list[dict]]) -> dict[str, dict]:
+    """`serve run` of serve.config on the fake upstream (with the Embedder's `setting`), each route loaded, then stopped."""
+    upstream_port, app_port = _free_port(), _free_port()
+    upstream = multiprocessing.get_context("spawn").Process(target=run_fake_upstream, args=(upstream_port,), daemon=True)
+    upstream.start()
+    base = f"http://127.0.0.1:{app_port}"
+    with tempfile.TemporaryDirectory() as folder:
+        config = write_serve_config(Path(folder), args.artifact.resolve(), f"http://127.0.0.1:{upstream_port}/v1", app_port, setting)
+        # A Ray of its own (RAY_ADDRESS=local), so the run never lands on another cluster of the machine.
+        server = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=REPO,
+                                  env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.DEVNULL,
+                                  stderr=open(Path(folder) / "serve.log", "w"))
+        try:
+            asyncio.run(wait_until_up(base, args.start_timeout))
+            asyncio.run(load(f"{base}/v1/route", bodies["/v1/route"], 8, 5))  # warm-up: connections, batching, caches
+            return {route: asyncio.run(load(f"{base}{route}", bodies[route], args.clients, args.duration)) for route in args.routes}
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            upstream.terminate()
 
 
 def main() -> int:
@@ -169,46 +226,30 @@ def main() -> int:
     parser.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "llmrouter_9model")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the app to come up")
     parser.add_argument("--prompts", type=int, default=200, help="test-split prompts to cycle through")
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    parser.add_argument("--embedder", nargs="+", type=EmbedderSetting.parse, default=[None], metavar="SIZE:WAIT_S:ONGOING[:THREADS]",
+                        help="Embedder settings to sweep, one app each (default: serve.config's)")
     args = parser.parse_args()
 
     from serve.core.artifact import RouterArtifact
 
     prompts = test_prompts(args.prompts)
-
-    upstream_port, app_port = _free_port(), _free_port()
-    upstream = multiprocessing.get_context("spawn").Process(target=run_fake_upstream, args=(upstream_port,), daemon=True)
-    upstream.start()
-    base = f"http://127.0.0.1:{app_port}"
-    with tempfile.TemporaryDirectory() as folder:
-        config = write_serve_config(Path(folder), args.artifact.resolve(), f"http://127.0.0.1:{upstream_port}/v1", app_port)
-        # A Ray of its own (RAY_ADDRESS=local), so the run never lands on another cluster of the machine.
-        server = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=REPO,
-                                  env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.DEVNULL,
-                                  stderr=open(Path(folder) / "serve.log", "w"))
-        try:
-            asyncio.run(wait_until_up(base, args.start_timeout))
-            route_bodies = [{"prompt": prompt} for prompt in prompts]
-            chat_bodies = [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16} for prompt in prompts]
-            asyncio.run(load(f"{base}/v1/route", route_bodies, 8, 5))  # warm-up: connections, batching, caches
-            results = {"/v1/route": asyncio.run(load(f"{base}/v1/route", route_bodies, args.clients, args.duration)),
-                       "/v1/chat/completions": asyncio.run(load(f"{base}/v1/chat/completions", chat_bodies, args.clients, args.duration))}
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            upstream.terminate()
+    bodies = {"/v1/route": [{"prompt": prompt} for prompt in prompts],
+              "/v1/chat/completions": [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+                                       for prompt in prompts]}
+    results = {setting: run_app(args, setting, bodies) for setting in args.embedder}
     bare = bare_batched_encode(prompts, RouterArtifact.load(args.artifact).embedder)
+
     print(f"\n{os.cpu_count()} CPUs, {args.clients} clients for {args.duration:g} s per route, loopback, {len(prompts)} "
           f"test-split prompts of llmrouter_9model; latency of the answered (200) requests\n")
-    print("| route | requests | answered/s | p50 ms | p99 ms | statuses | other errors |\n|---|---|---|---|---|---|---|")
-    for name, result in results.items():
-        print(report(name, result))
-    share = len(results["/v1/route"]["latencies"]) / results["/v1/route"]["elapsed"] / bare
-    print(f"\nbare batched encode, {os.cpu_count()} threads: {bare:.1f} prompts/s; /v1/route answered {share:.2f}x of it "
-          f"(goal >= {GOAL}x: {'met' if share >= GOAL else 'missed'})")
-    return 1 if any(result["unexpected"] for result in results.values()) else 0
+    print("| Embedder | route | requests | answered/s | p50 ms | p99 ms | statuses | other errors | answered / bare encode |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for setting, by_route in results.items():
+        for route, result in by_route.items():
+            print(report(str(setting or "serve.config"), route, result, bare))
+    print(f"\nbare batched encode of the same prompts in one process, {os.cpu_count()} threads: {bare:.1f} prompts/s; "
+          f"goal for /v1/route: >= {GOAL}x of it")
+    return 1 if any(result["unexpected"] for by_route in results.values() for result in by_route.values()) else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ class EmbedderConfig(StrictConfig):
     # Waiting only pays off when requests arrive together; under load batches fill while the previous one runs.
     batch_wait_timeout_s: NonNegativeFloat = 0.002
     device: str = "cpu"  # "cuda" on a GPU node
+    # The encoder's torch threads; None: as Ray sets them from the replica's num_cpus (one for a fraction of a CPU).
+    threads: PositiveInt | None = None
 
 
 class AccessConfig(StrictConfig):

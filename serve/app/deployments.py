@@ -26,6 +26,10 @@ class Embedder:
     cost for a prompt of any size. The token count (for the cost estimate) covers the whole prompt."""
 
     def __init__(self, embedder: str, config: EmbedderConfig):
+        if config.threads is not None:
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.name = embedder
         self.encoder = load_encoder(embedder, device=config.device)
         count_tokens(["warm-up"], embedder)  # load the tokenizer now, not on the first request
