@@ -237,18 +237,19 @@ def main() -> int:
     bodies = {"/v1/route": [{"prompt": prompt} for prompt in prompts],
               "/v1/chat/completions": [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
                                        for prompt in prompts]}
-    results = {setting: run_app(args, setting, bodies) for setting in args.embedder}
+    # The baseline first, on idle cores; each setting's rows as soon as they are measured.
     bare = bare_batched_encode(prompts, RouterArtifact.load(args.artifact).embedder)
-
     print(f"\n{os.cpu_count()} CPUs, {args.clients} clients for {args.duration:g} s per route, loopback, {len(prompts)} "
-          f"test-split prompts of llmrouter_9model; latency of the answered (200) requests\n")
+          f"test-split prompts of llmrouter_9model; latency of the answered (200) requests. Bare batched encode of the "
+          f"same prompts in one process, {os.cpu_count()} threads: {bare:.1f} prompts/s; goal for /v1/route: >= {GOAL}x "
+          f"of it\n", flush=True)
     print("| Embedder | route | requests | answered/s | p50 ms | p99 ms | statuses | other errors | answered / bare encode |\n"
-          "|---|---|---|---|---|---|---|---|---|")
-    for setting, by_route in results.items():
-        for route, result in by_route.items():
-            print(report(str(setting or "serve.config"), route, result, bare))
-    print(f"\nbare batched encode of the same prompts in one process, {os.cpu_count()} threads: {bare:.1f} prompts/s; "
-          f"goal for /v1/route: >= {GOAL}x of it")
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
+    results = {}
+    for setting in args.embedder:
+        results[setting] = run_app(args, setting, bodies)
+        for route, result in results[setting].items():
+            print(report(str(setting or "serve.config"), route, result, bare), flush=True)
     return 1 if any(result["unexpected"] for by_route in results.values() for result in by_route.values()) else 0
 
 
