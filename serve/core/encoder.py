@@ -2,7 +2,8 @@
 
 Training and the Serve Embedder must produce the same vectors and token counts for the same prompt, so both
 load the encoder with `load_encoder`, call `encode` and count with `count_tokens`. Serving owns it (training
-imports it from here), so a serving image needs no training code.
+imports it from here), so a serving image needs no training code. An embedder name may end in an ONNX backend
+(`all-MiniLM-L6-v2@onnx-int8`, `serve.core.onnx_encoder`); the name with its suffix is the encoder everywhere.
 """
 
 from __future__ import annotations
