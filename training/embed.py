@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from serve.core.atomic import atomic_file
-from serve.core.encoder import DEFAULT_EMBEDDER, encode, load_encoder, offline_name
+from serve.core.encoder import (
+    DEFAULT_EMBEDDER,
+    encode,
+    load_encoder,
+    offline_name,
+    split_backend,
+)
+from serve.core.onnx_encoder import TORCH_BACKEND
 from serve.core.paths import cache_dir as cache_root
 from training.cluster import cpus_per_actor
 
@@ -28,13 +35,10 @@ EMBEDDING_FORMAT = "float32-l2normalised-v1"
 
 
 def canonical_model_name(name: str) -> str:
-    """One cache identity per model, whichever alias or relative path named it."""
-    short = offline_name(name)
-    if short:
-        return short
-    if os.path.isdir(name):
-        return str(Path(name).resolve())
-    return name
+    """One cache identity per model and encoder backend, whichever alias or relative path named the model."""
+    model, backend = split_backend(name)
+    canonical = offline_name(model) or (str(Path(model).resolve()) if os.path.isdir(model) else model)
+    return canonical if backend == TORCH_BACKEND else f"{canonical}@{backend}"
 
 
 def _cache_path(texts: Sequence[str], model: str, cache_dir: Path) -> Path:

