@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import multiprocessing
 import os
 import signal
@@ -43,7 +44,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.8  # /v1/route answers per second, as a share of the bare batched encode's prompts per second
-ROUTES = ("/v1/route", "/v1/chat/completions")
+ROUTES = ("/v1/route", "/v1/chat/completions", "/noop/")
 
 
 def _free_port() -> int:
@@ -107,23 +108,26 @@ def write_serve_config(folder: Path, artifact: Path, upstream: str, port: int, s
                                        threads=setting.threads)
         deployment = next(entry for entry in app["deployments"] if entry["name"] == "Embedder")
         deployment.update(max_ongoing_requests=setting.max_ongoing_requests, max_queued_requests=setting.max_ongoing_requests)
+    # Serve's own floor beside it: a no-op app (benchmarks/noop_app.py) on /noop.
+    config["applications"].append({"name": "noop", "route_prefix": "/noop", "import_path": "noop_app:app"})
     path = folder / "serve.config"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 async def wait_until_up(base: str, limit_s: float) -> None:
+    """Until the router (/v1/models) and the no-op app (/noop/) both answer."""
     deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             try:
-                async with session.get(f"{base}/v1/models") as response:
-                    if response.status == 200:
+                async with session.get(f"{base}/v1/models") as models, session.post(f"{base}/noop/", json={}) as noop:
+                    if models.status == noop.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(1)
-    raise SystemExit(f"the app did not answer {base}/v1/models within {limit_s:g} s")
+    raise SystemExit(f"the app did not answer {base}/v1/models and {base}/noop/ within {limit_s:g} s")
 
 
 async def load(url: str, bodies: list[dict], clients: int, duration_s: float) -> dict:
@@ -184,14 +188,19 @@ def test_prompts(count: int) -> list[str]:
     return [table.prompts[row] for row in np.flatnonzero(table.splits == "test")[:count]]
 
 
-def report(setting: str, route: str, result: dict, bare: float) -> str:
+def report(setting: str, route: str, result: dict, bare: float) -> dict:
+    """One setting's figures on one route, and their table line."""
     answered = result["latencies"]
-    p50, p99 = (np.percentile(answered, [50, 99]) if answered else (float("nan"),) * 2)
+    p50, p99 = (float(value) for value in np.percentile(answered, [50, 99])) if answered else (None, None)
     total = sum(result["statuses"].values())
     statuses = ", ".join(f"{status}: {count}" for status, count in sorted(result["statuses"].items(), key=str))
     rate = len(answered) / result["elapsed"]
-    return (f"| {setting} | {route} | {total} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {statuses} | "
-            f"{sum(result['unexpected'].values())} | {rate / bare:.2f} |")
+    unexpected = sum(result["unexpected"].values())
+    line = (f"| {setting} | {route} | {total} | {rate:.1f} | {p50 or float('nan'):.0f} | {p99 or float('nan'):.0f} | {statuses} | "
+            f"{unexpected} | {rate / bare:.2f} |")
+    return {"embedder": setting, "route": route, "requests": total, "answered_per_s": rate, "p50_ms": p50, "p99_ms": p99,
+            "statuses": {str(status): count for status, count in result["statuses"].items()}, "other_errors": unexpected,
+            "share_of_bare": rate / bare, "line": line}
 
 
 def run_app(args, setting: EmbedderSetting | None, bodies: dict[str, list[dict]]) -> dict[str, dict]:
@@ -204,11 +213,14 @@ def run_app(args, setting: EmbedderSetting | None, bodies: dict[str, list[dict]]
         config = write_serve_config(Path(folder), args.artifact.resolve(), f"http://127.0.0.1:{upstream_port}/v1", app_port, setting)
         # A Ray of its own (RAY_ADDRESS=local), so the run never lands on another cluster of the machine.
         server = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=REPO,
-                                  env={**os.environ, "RAY_ADDRESS": "local"}, stdout=subprocess.DEVNULL,
+                                  env={**os.environ, "RAY_ADDRESS": "local",
+                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")]))},
+                                  stdout=subprocess.DEVNULL,
                                   stderr=open(Path(folder) / "serve.log", "w"))
         try:
             asyncio.run(wait_until_up(base, args.start_timeout))
-            asyncio.run(load(f"{base}/v1/route", bodies["/v1/route"], 8, 5))  # warm-up: connections, batching, caches
+            # Warm-up at full load: connections, caches, and the replicas autoscaling adds under it.
+            asyncio.run(load(f"{base}/v1/route", bodies["/v1/route"], args.clients, args.warmup))
             return {route: asyncio.run(load(f"{base}{route}", bodies[route], args.clients, args.duration)) for route in args.routes}
         finally:
             server.send_signal(signal.SIGINT)
@@ -223,10 +235,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60, help="seconds per route")
+    parser.add_argument("--warmup", type=float, default=15, help="seconds of load on /v1/route before measuring")
     parser.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "llmrouter_9model")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the app to come up")
     parser.add_argument("--prompts", type=int, default=200, help="test-split prompts to cycle through")
-    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    parser.add_argument("--out", type=Path, help="folder for report.json and report.md")
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES,
+                        help="/noop/ is Serve's floor: the same request to a deployment that does nothing")
     parser.add_argument("--embedder", nargs="+", type=EmbedderSetting.parse, default=[None], metavar="SIZE:WAIT_S:ONGOING[:THREADS]",
                         help="Embedder settings to sweep, one app each (default: serve.config's)")
     args = parser.parse_args()
@@ -234,7 +249,7 @@ def main() -> int:
     from serve.core.artifact import RouterArtifact
 
     prompts = test_prompts(args.prompts)
-    bodies = {"/v1/route": [{"prompt": prompt} for prompt in prompts],
+    bodies = {"/v1/route": [{"prompt": prompt} for prompt in prompts], "/noop/": [{"prompt": prompt} for prompt in prompts],
               "/v1/chat/completions": [{"model": "router", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
                                        for prompt in prompts]}
     # The baseline first, on idle cores; each setting's rows as soon as they are measured.
@@ -245,11 +260,22 @@ def main() -> int:
           f"of it\n", flush=True)
     print("| Embedder | route | requests | answered/s | p50 ms | p99 ms | statuses | other errors | answered / bare encode |\n"
           "|---|---|---|---|---|---|---|---|---|", flush=True)
-    results = {}
+    results, rows = {}, []
     for setting in args.embedder:
         results[setting] = run_app(args, setting, bodies)
         for route, result in results[setting].items():
-            print(report(str(setting or "serve.config"), route, result, bare), flush=True)
+            rows.append(report(str(setting or "serve.config"), route, result, bare))
+            print(rows[-1]["line"], flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        header = (f"`python benchmarks/bench_load.py {' '.join(sys.argv[1:])}`: {os.cpu_count()} CPUs, {args.clients} clients, "
+                  f"{args.duration:g} s per route; bare batched encode {bare:.1f} prompts/s ({os.cpu_count()} threads); goal "
+                  f">= {GOAL}x of it on /v1/route\n\n| Embedder | route | requests | answered/s | p50 ms | p99 ms | statuses | "
+                  f"other errors | answered / bare encode |\n|---|---|---|---|---|---|---|---|---|\n")
+        (args.out / "report.md").write_text(header + "\n".join(row["line"] for row in rows) + "\n")
+        report_json = {"argv": sys.argv[1:], "bare_prompts_per_s": bare, "goal": GOAL,
+                       "rows": [{name: value for name, value in row.items() if name != "line"} for row in rows]}
+        (args.out / "report.json").write_text(json.dumps(report_json, indent=1) + "\n")
     return 1 if any(result["unexpected"] for by_route in results.values() for result in by_route.values()) else 0
 
 

@@ -60,26 +60,19 @@ async def _load(url: str, bodies: list[dict], concurrency: int, requests: int) -
 
 
 def _deploy(port: int) -> str:
+    import cloudpickle
+    import noop_app
     import ray
-    from fastapi import FastAPI
     from ray import serve
 
     from serve.app.builder import build_app
 
-    noop = FastAPI()
-
-    @serve.deployment(name="NoOp", ray_actor_options={"num_cpus": 0.1})
-    @serve.ingress(noop)
-    class NoOp:
-        @noop.post("/")
-        async def nothing(self, body: dict) -> dict:
-            return {}
-
+    cloudpickle.register_pickle_by_value(noop_app)  # Ray's workers cannot import this script's folder
     args = yaml.safe_load((REPO / "serve.config").read_text())["applications"][0]["args"]
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="finerouter", route_prefix="/")
-    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    serve.run(noop_app.app, name="noop", route_prefix="/noop")
     return f"http://127.0.0.1:{port}"
 
 
