@@ -15,7 +15,9 @@ throughput (goal: at least GOAL of it).
     python benchmarks/bench_load.py [--clients 64] [--duration 60] [--artifact artifacts/llmrouter_9model]
     python benchmarks/bench_load.py --routes /v1/route --duration 30 --embedder 16:0.002:16 16:0.002:32 32:0.005:64
 
-The clients run in this process, on the same cores as the app.
+The clients run in this process, on the same cores as the app. While each route is loaded, the script also
+measures where the cores went: the CPU seconds of the clients, Serve's proxy, each deployment's replicas, and every
+other process (Ray's own, and anything else on the machine), as cores used on average.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 GOAL = 0.8  # /v1/route answers per second, as a share of the bare batched encode's prompts per second
 ROUTES = ("/v1/route", "/v1/chat/completions", "/noop/")
+# Process groups whose CPU time is measured during each load, by a marker in their command line (Ray sets a
+# replica's process title to its application and deployment).
+CPU_GROUPS = {"proxy": "ray::ProxyActor", "ingress": "ServeReplica:finerouter:RouterIngress",
+              "Embedder": "ServeReplica:finerouter:Embedder", "no-op": "ServeReplica:noop:NoOp"}
 
 
 def _free_port() -> int:
@@ -162,6 +168,39 @@ async def load(url: str, bodies: list[dict], clients: int, duration_s: float) ->
     return {"latencies": latencies, "statuses": statuses, "unexpected": unexpected, "elapsed": elapsed}
 
 
+def cpu_seconds() -> tuple[collections.Counter, collections.Counter]:
+    """CPU seconds so far of each process group (the clients are this process; "other" is every other process),
+    and the number of processes in each group."""
+    import psutil
+
+    seconds, processes = collections.Counter(), collections.Counter()
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if times is None:
+            continue
+        command = " ".join(process.info["cmdline"] or [])
+        group = "clients" if process.info["pid"] == os.getpid() else next(
+            (name for name, marker in CPU_GROUPS.items() if marker in command), "other")
+        seconds[group] += times.user + times.system
+        processes[group] += 1
+    return seconds, processes
+
+
+def measured_load(url: str, bodies: list[dict], clients: int, duration_s: float) -> dict:
+    """`load`, with the cores each process group used on average while it ran, and the replicas of each group."""
+    import psutil
+
+    before, _ = cpu_seconds()
+    idle_before = psutil.cpu_times().idle
+    result = asyncio.run(load(url, bodies, clients, duration_s))
+    after, processes = cpu_seconds()
+    elapsed = result["elapsed"]
+    result["cores"] = {group: max(after[group] - before[group], 0.0) / elapsed for group in ("clients", *CPU_GROUPS, "other")}
+    result["cores"]["idle"] = (psutil.cpu_times().idle - idle_before) / elapsed
+    result["processes"] = {group: processes[group] for group in CPU_GROUPS}
+    return result
+
+
 def bare_batched_encode(texts: list[str], embedder: str, min_seconds: float = 20.0) -> float:
     """Prompts/s of the Embedder's encode step (the same window of each prompt, the same forward batches) in this
     process on every core, passes over `texts` repeated for at least `min_seconds`."""
@@ -200,7 +239,14 @@ def report(setting: str, route: str, result: dict, bare: float) -> dict:
             f"{unexpected} | {rate / bare:.2f} |")
     return {"embedder": setting, "route": route, "requests": total, "answered_per_s": rate, "p50_ms": p50, "p99_ms": p99,
             "statuses": {str(status): count for status, count in result["statuses"].items()}, "other_errors": unexpected,
-            "share_of_bare": rate / bare, "line": line}
+            "share_of_bare": rate / bare, "cores": result["cores"], "processes": result["processes"], "line": line,
+            "cores_line": f"| {setting} | {route} | " + " | ".join(f"{cores:.2f}" for cores in result["cores"].values())
+                          + f" | {result['processes']['Embedder']} |"}
+
+
+CORES_HEADER = ("Cores used on average while each route was loaded (CPU seconds / wall seconds, by process group):\n\n"
+                "| Embedder | route | clients | proxy | ingress | Embedder | no-op | other processes | idle | Embedder replicas |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def run_app(args, setting: EmbedderSetting | None, bodies: dict[str, list[dict]]) -> dict[str, dict]:
@@ -221,7 +267,7 @@ def run_app(args, setting: EmbedderSetting | None, bodies: dict[str, list[dict]]
             asyncio.run(wait_until_up(base, args.start_timeout))
             # Warm-up at full load: connections, caches, and the replicas autoscaling adds under it.
             asyncio.run(load(f"{base}/v1/route", bodies["/v1/route"], args.clients, args.warmup))
-            return {route: asyncio.run(load(f"{base}{route}", bodies[route], args.clients, args.duration)) for route in args.routes}
+            return {route: measured_load(f"{base}{route}", bodies[route], args.clients, args.duration) for route in args.routes}
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -266,15 +312,17 @@ def main() -> int:
         for route, result in results[setting].items():
             rows.append(report(str(setting or "serve.config"), route, result, bare))
             print(rows[-1]["line"], flush=True)
+    print("\n" + CORES_HEADER + "\n".join(row["cores_line"] for row in rows), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         header = (f"`python benchmarks/bench_load.py {' '.join(sys.argv[1:])}`: {os.cpu_count()} CPUs, {args.clients} clients, "
                   f"{args.duration:g} s per route; bare batched encode {bare:.1f} prompts/s ({os.cpu_count()} threads); goal "
                   f">= {GOAL}x of it on /v1/route\n\n| Embedder | route | requests | answered/s | p50 ms | p99 ms | statuses | "
                   f"other errors | answered / bare encode |\n|---|---|---|---|---|---|---|---|---|\n")
-        (args.out / "report.md").write_text(header + "\n".join(row["line"] for row in rows) + "\n")
+        (args.out / "report.md").write_text(header + "\n".join(row["line"] for row in rows) + "\n\n" + CORES_HEADER
+                                            + "\n".join(row["cores_line"] for row in rows) + "\n")
         report_json = {"argv": sys.argv[1:], "bare_prompts_per_s": bare, "goal": GOAL,
-                       "rows": [{name: value for name, value in row.items() if name != "line"} for row in rows]}
+                       "rows": [{name: value for name, value in row.items() if not name.endswith("line")} for row in rows]}
         (args.out / "report.json").write_text(json.dumps(report_json, indent=1) + "\n")
     return 1 if any(result["unexpected"] for by_route in results.values() for result in by_route.values()) else 0
 

@@ -7,7 +7,7 @@ from ray import serve
 api = FastAPI()
 
 
-@serve.deployment(name="NoOp", ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(name="NoOp", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(api)
 class NoOp:
     @api.post("/")
