@@ -4,8 +4,9 @@ An encoder may be an ONNX backend of one (`all-MiniLM-L6-v2@onnx-int8`, `serve.c
 several `--threads`, every encoder is loaded afresh and measured at each thread count in turn (ONNX Runtime
 fixes its threads when a session is made).
 
-sentence-transformers sorts one call's prompts by length and pads each mini-batch to its longest, so the
-mini-batch size trades padding waste against per-call overhead (`serve.core.encoder.forward_batch_size`).
+A call's prompts are sorted by length and each mini-batch is padded to its longest, so the mini-batch size trades
+padding waste against per-call overhead (`serve.core.encoder.forward_batch_size`; on a CPU a mini-batch is also
+cut where padding would cost too much, `forward_batches`, which benchmarks/bench_padding.py measures).
 Encodes the same test-split prompts one at a time (the latency a routed request pays), then in calls of
 `--call-size` (the Serve Embedder's batch, or a Ray Data batch) with each mini-batch size.
 

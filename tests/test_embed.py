@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from serve.core import mpnet
 from serve.core.encoder import (
     DEFAULT_EMBEDDER,
     count_tokens,
     encode,
+    forward_batches,
     load_encoder,
     resolve_model_path,
 )
@@ -106,6 +109,25 @@ def test_encode_gives_unit_float32_rows(reference_embeddings: np.ndarray):
     assert reference_embeddings.shape == (len(SAMPLE_TEXTS), 384)
     assert reference_embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(reference_embeddings, axis=1), 1.0, atol=1e-5)
+
+
+@given(lengths=st.lists(st.integers(1, 256), max_size=64), max_size=st.integers(1, 16))
+def test_forward_batches_take_every_row_once_within_the_padding_bound(lengths: list[int], max_size: int):
+    batches = forward_batches(lengths, max_size, slack=0.25)
+    assert sorted(row for rows in batches for row in rows) == list(range(len(lengths)))
+    for rows in batches:
+        real = [lengths[row] for row in rows]
+        assert len(rows) <= max_size
+        assert len(rows) == 1 or len(rows) * max(real) <= 1.25 * sum(real)
+
+
+def test_prompts_of_mixed_lengths_embed_as_they_do_alone(reference_embeddings: np.ndarray):
+    """Cut by length or not, a prompt's embedding is its own: padding is masked out."""
+    encoder = load_encoder(DEFAULT_EMBEDDER, device="cpu")
+    mixed = [SAMPLE_TEXTS[0] * 40, *SAMPLE_TEXTS[1:8]]
+    alone = np.vstack([encode(encoder, [text]) for text in mixed])
+    assert np.allclose(encode(encoder, mixed), alone, atol=1e-5)
+    assert np.allclose(encode(encoder, SAMPLE_TEXTS[1:8]), reference_embeddings[1:8], atol=1e-5)
 
 
 def test_in_process_job_is_cached_and_reloaded_without_recomputing(

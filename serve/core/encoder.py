@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
 
 from serve.core.mpnet import MPNET_EMBEDDER, prepare_mpnet
 from serve.core.onnx_encoder import (
@@ -27,6 +28,9 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 # Tokenizing takes time in proportion to the text: prompts longer than this many characters are counted exactly
 # on their first TOKEN_COUNT_EXACT_CHARS characters, and the rest at the same tokens per character.
 TOKEN_COUNT_EXACT_CHARS = 65_536
+# On a CPU a forward pass stops taking prompts where padding them to its longest would add more than this share
+# of its real tokens (`forward_batches`).
+PADDING_SLACK = 0.25
 # The encoders that load offline from installed packages, by their short name: the default bundled with the
 # project, and the stronger MPNet behind the `mpnet` extra (docs/encoder.md).
 OFFLINE_EMBEDDERS = (DEFAULT_EMBEDDER, MPNET_EMBEDDER)
@@ -92,20 +96,47 @@ def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
 
 
 def forward_batch_size(encoder: SentenceTransformer) -> int:
-    """Prompts per forward pass. sentence-transformers sorts a call's prompts by length and pads each
-    mini-batch to its longest; on CPU that padding (and attention's square cost) outweighs what large
-    mini-batches save, so small ones encode more prompts/s (benchmarks/bench_encode.py; figures in
-    docs/operations.md, "Routing latency"). A GPU wants large ones."""
+    """The most prompts per forward pass. On a CPU each pass costs in proportion to its padded tokens, so passes are
+    also cut by length (`forward_batches`); a GPU wants large ones."""
     return 128 if encoder.device.type == "cuda" else 8
+
+
+def forward_batches(lengths: Sequence[int], max_size: int, slack: float = PADDING_SLACK) -> list[np.ndarray]:
+    """Row indices of each forward pass on a CPU: rows sorted by length, consecutive rows in one pass up to
+    `max_size`, and a new pass wherever padding to the longest row would add more than `slack` of the pass's real
+    tokens. The Embedder's calls hold whatever prompts arrived together, short and long; padded into one pass
+    the short ones cost as much as the long (benchmarks/bench_padding.py measures it)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, start, real_tokens = [], 0, 0
+    for position, row in enumerate(order):
+        size, length = position - start, int(lengths[row])
+        if size and (size == max_size or (size + 1) * length > (1 + slack) * (real_tokens + length)):
+            batches.append(order[start:position])
+            start, real_tokens = position, 0
+        real_tokens += length
+    return [*batches, order[start:]] if len(order) else []
 
 
 def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int | None = None,
            show_progress: bool = False) -> np.ndarray:
     """Embed texts as float32 rows of unit L2 norm, so dot products are cosine similarities."""
+    size = batch_size or forward_batch_size(encoder)
+    if len(texts) == 0 or encoder.device.type == "cuda":  # on a GPU padding is cheap next to a pass's overhead
+        return _encode_pass(encoder, texts, size, show_progress)
+    lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True, max_length=encoder.max_seq_length,
+                                                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
+    embeddings = np.empty((len(texts), encoder.get_embedding_dimension()), dtype=np.float32)
+    batches = forward_batches(lengths, size)
+    for rows in tqdm(batches, desc="encode", disable=not show_progress):
+        embeddings[rows] = _encode_pass(encoder, [texts[row] for row in rows], len(rows), False)
+    return embeddings
+
+
+def _encode_pass(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int, show_progress: bool) -> np.ndarray:
     if len(texts) == 0:
         return np.zeros((0, encoder.get_embedding_dimension()), dtype=np.float32)
-    embeddings = encoder.encode(list(texts), batch_size=batch_size or forward_batch_size(encoder), convert_to_numpy=True,
-                                normalize_embeddings=True, show_progress_bar=show_progress)
+    embeddings = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                                show_progress_bar=show_progress)
     return np.asarray(embeddings, dtype=np.float32)
 
 
