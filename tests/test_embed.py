@@ -161,3 +161,28 @@ def test_ray_data_job_matches_in_process_in_input_order(
     assert embeddings.shape == (len(SAMPLE_TEXTS), 384) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-5)
     assert ray_session.is_initialized(), "the caller's Ray must outlive the job"
+
+
+def test_the_embedder_encodes_what_waits_in_one_batch_while_it_is_busy():
+    """Prompts that arrive while a batch encodes go together into the next one (Ray Serve's own batching would make
+    each a batch of one), and each caller gets its own prompt's row."""
+    import asyncio
+
+    from serve.app.app_config import EmbedderConfig
+    from serve.app.deployments import Embedder
+
+    embedder = Embedder.func_or_class(DEFAULT_EMBEDDER, EmbedderConfig(max_batch_size=4))
+    batches = []
+    encode_batch = embedder._embed
+    embedder._embed = lambda texts: (batches.append(len(texts)), encode_batch(texts))[1]
+
+    async def requests():
+        first = asyncio.create_task(embedder.embed(SAMPLE_TEXTS[0]))
+        await asyncio.sleep(0)  # the first prompt starts encoding alone
+        return await asyncio.gather(first, *(embedder.embed(text) for text in SAMPLE_TEXTS[1:7]))
+
+    results = asyncio.run(requests())
+    assert batches == [1, 4, 2]
+    alone = encode(load_encoder(DEFAULT_EMBEDDER, device="cpu"), SAMPLE_TEXTS[:7])
+    assert np.allclose(np.vstack([embedding for embedding, _ in results]), alone, atol=1e-5)
+    assert [tokens for _, tokens in results] == count_tokens(SAMPLE_TEXTS[:7]).tolist()

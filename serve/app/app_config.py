@@ -28,11 +28,12 @@ from serve.core.decision import POLICIES, PRESETS
 
 
 class EmbedderConfig(StrictConfig):
-    """Dynamic batching of prompt embeddings (`@serve.batch`)."""
+    """The Embedder's batches: whatever prompts wait when the encoder is free, up to `max_batch_size`."""
 
     max_batch_size: PositiveInt = 32
-    # Waiting only pays off when requests arrive together; under load batches fill while the previous one runs.
-    batch_wait_timeout_s: NonNegativeFloat = 0.002
+    # Under load batches fill while the previous one encodes; a wait only pays off where a batch costs little more
+    # than one prompt (a GPU).
+    batch_wait_timeout_s: NonNegativeFloat = 0
     device: str = "cpu"  # "cuda" on a GPU node
     # The encoder's torch threads; None: as Ray sets them from the replica's num_cpus (one for a fraction of a CPU).
     threads: PositiveInt | None = None
