@@ -24,7 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from serve.core.encoder import DEFAULT_EMBEDDER, PADDING_SLACK, encode, forward_batch_size, load_encoder
+from serve.core.encoder import (
+    DEFAULT_EMBEDDER,
+    PADDING_SLACK,
+    encode,
+    forward_batch_size,
+    load_encoder,
+)
 from serve.core.features import WINDOW_CHARS
 
 CALL_SIZES = (1, 4, 8, 16, 32, 200)
@@ -71,12 +77,13 @@ def main() -> int:
         print(f"calls of {call_size}: " + ", ".join(f"{name} {rate:.1f} prompts/s" for name, rate in rates.items())
               + f", ratio {results[-1]['ratio']:.2f}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    lines = [f"`python benchmarks/bench_padding.py {' '.join(sys.argv[1:])}`, commit {commit}: {DEFAULT_EMBEDDER}, "
+    baseline = next(iter(methods))
+    title = (f"`python benchmarks/bench_padding.py {' '.join(sys.argv[1:])}`, commit {commit}: {DEFAULT_EMBEDDER}, "
              f"{args.threads} thread(s), passes of at most {size} prompts, slack {PADDING_SLACK}; calls of random "
-             f"train-split prompts of llmrouter_9model; largest embedding difference {difference:.1e}", "",
-             "| prompts per call | sentence-transformers' passes, prompts/s | cut by length, prompts/s | ratio |",
+             f"train-split prompts of llmrouter_9model; largest embedding difference {difference:.1e}")
+    lines = [title, "", "| prompts per call | sentence-transformers' passes, prompts/s | cut by length, prompts/s | ratio |",
              "|---|---|---|---|"]
-    lines += [f"| {row['call_size']} | {row['prompts_per_s'][list(methods)[0]]:.1f} | {row['prompts_per_s']['cut by length']:.1f} "
+    lines += [f"| {row['call_size']} | {row['prompts_per_s'][baseline]:.1f} | {row['prompts_per_s']['cut by length']:.1f} "
               f"| {row['ratio']:.2f} |" for row in results]
     print("\n" + "\n".join(lines))
     if args.out is not None:
