@@ -68,7 +68,7 @@ def main() -> int:
                 started = time.perf_counter()
                 method(call)
                 seconds[name] += time.perf_counter() - started
-            prompts += call_size
+            prompts += len(call)
             if sum(seconds.values()) > 2 * args.seconds:
                 break
         rates = {name: prompts / spent for name, spent in seconds.items()}

@@ -121,7 +121,8 @@ def encode(encoder: SentenceTransformer, texts: Sequence[str], batch_size: int |
            show_progress: bool = False) -> np.ndarray:
     """Embed texts as float32 rows of unit L2 norm, so dot products are cosine similarities."""
     size = batch_size or forward_batch_size(encoder)
-    if len(texts) == 0 or encoder.device.type == "cuda":  # on a GPU padding is cheap next to a pass's overhead
+    # One prompt needs no cut; on a GPU padding is cheap next to a pass's overhead.
+    if len(texts) <= 1 or encoder.device.type == "cuda":
         return _encode_pass(encoder, texts, size, show_progress)
     lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=True, max_length=encoder.max_seq_length,
                                                      return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
